@@ -1,0 +1,99 @@
+"""Load and save Hugging Face checkpoints safely. Heavy imports (torch, transformers) happen inside functions."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from edgepack.artifact import Artifact, open_artifact
+from edgepack.errors import ArtifactError, ConfigError
+
+# Files that make up a tokenizer / generation setup; copied beside every model a stage writes.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype '{name}'", f"use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype_for(device: str, stored: str | None = None):
+    """float32 on CPU (no fast bf16/fp16 there); the stored 16-bit dtype on CUDA."""
+    import torch
+
+    if device == "cpu":
+        return torch.float32
+    return getattr(torch, stored) if stored in ("float16", "bfloat16") else torch.float32
+
+
+def load_model(art: Artifact | str | Path, *, device: str | None = None, dtype=None, trust_pickle: bool = False):
+    """An `AutoModelForCausalLM` from an 'hf' artifact, eval mode, on `device` (default: CUDA if present).
+
+    Weights load from safetensors only unless trust_pickle; remote code is never executed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    art = art if isinstance(art, Artifact) else open_artifact(art, trust_pickle=trust_pickle)
+    if art.format != "hf":
+        raise ArtifactError(f"'{art.path}' is a '{art.format}' artifact, not a Hugging Face checkpoint",
+                            "pass the model directory this artifact was made from, or use a command for its format")
+    device = device or default_device()
+    use_st = any(art.path.glob("*.safetensors"))
+    if dtype is None:
+        dtype = compute_dtype_for(device, _stored_dtype(art.path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            art.path, dtype=dtype, use_safetensors=use_st, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"cannot load the model in '{art.path}': {str(exc).splitlines()[0]}",
+                            "check that config.json matches the weights (a transformers version mismatch?)") from None
+    model.to(device).eval()
+    torch.set_grad_enabled(False)
+    return model
+
+
+def _stored_dtype(path: Path) -> str | None:
+    from edgepack.artifact import read_model_config
+
+    cfg = read_model_config(path)
+    return cfg.get("dtype") or cfg.get("torch_dtype")
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(Path(path), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot load a tokenizer from '{path}': {str(exc).splitlines()[0]}",
+                            "copy the tokenizer files (tokenizer.json, tokenizer_config.json) beside the model") from None
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def save_model(model, dst: Path, *, tokenizer_from: Path | None = None, dtype: str | None = None) -> None:
+    """save_pretrained as safetensors (optionally cast to `dtype`), plus the tokenizer files of `tokenizer_from`."""
+    if dtype is not None:
+        model = model.to(torch_dtype(dtype))
+    model.save_pretrained(dst, safe_serialization=True)
+    if tokenizer_from is not None:
+        copy_tokenizer(tokenizer_from, dst)

@@ -1,0 +1,65 @@
+"""Readable tables on stdout, or one JSON object as the last line of stdout with --json."""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def fmt_num(x, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if math.isinf(x):
+            return "inf"
+        return f"{x:.{digits}g}" if abs(x) < 1e6 else f"{x:,.0f}"
+    return str(x)
+
+
+def print_table(title: str | None, columns: list[str], rows: list[list], caption: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, caption=caption, header_style="bold")
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*[c if isinstance(c, str) else fmt_num(c) for c in r])
+    Console(width=max(100, Console().width)).print(t)
+
+
+def emit_json(obj) -> None:
+    print(json.dumps(obj, default=str, allow_nan=False) if _finite(obj) else json.dumps(_clean(obj), default=str))
+
+
+def _finite(obj) -> bool:
+    try:
+        json.dumps(obj, default=str, allow_nan=False)
+        return True
+    except ValueError:
+        return False
+
+
+def _clean(obj):
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj

@@ -1,0 +1,192 @@
+"""Recipes are TOML data; running one is a loop.
+
+    [recipe]
+    name = "small"
+    model = "../shared/models/stories260K"   # HF checkpoint dir or artifact; or "embedded:stories260K"
+    targets = ["cpu-x86-64"]                 # names or paths to target TOMLs
+    workdir = "runs/small"                   # optional; default ./edgepack-runs/<name>
+
+    [[stages]]
+    kind = "convert"
+    dtype = "float16"
+
+    [[stages]]
+    kind = "eval"
+    text = "../shared/data/tinystories-valid-sample.txt"
+
+Relative paths resolve against the recipe file's folder. Each stage's output directory is named by a hash of
+(input artifact digest, stage kind and version, config with file contents hashed, target profile), so an
+interrupted run resumes where it stopped and a repeated run does no work. Stages before the first per-target
+stage run once; from there the plan fans out, one branch per target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgepack.artifact import MANIFEST_NAME, Artifact, open_artifact, sha256_file
+from edgepack.config import build_config, path_fields
+from edgepack.errors import ConfigError, did_you_mean
+from edgepack.stages import StageSpec, get_stage
+
+_RECIPE_KEYS = {"name", "model", "targets", "workdir", "trust_pickle", "description"}
+EMBEDDED_PREFIX = "embedded:"
+
+
+def embedded_path(name: str) -> Path:
+    """Files shipped inside the package (the demo model and text)."""
+    from importlib import resources
+
+    p = Path(str(resources.files("edgepack").joinpath("data", name)))
+    if not p.exists():
+        raise ConfigError(f"there is no embedded '{name}'", "embedded items: stories260K, tinystories-sample.txt")
+    return p
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    if value.startswith(EMBEDDED_PREFIX):
+        return embedded_path(value[len(EMBEDDED_PREFIX):])
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+@dataclass
+class Step:
+    index: int
+    spec: StageSpec
+    config: object
+    raw: dict  # config as written, for --dry-run
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: Path
+    targets: list  # Target objects
+    workdir: Path
+    steps: list[Step]
+    source: str
+    trust_pickle: bool = False
+    description: str = ""
+
+
+def load_recipe(path, workdir: Path | None = None, data: dict | None = None) -> Recipe:
+    from edgepack.targets import load_target
+
+    path = Path(path)
+    if data is None:
+        if not path.is_file():
+            raise ConfigError(f"recipe '{path}' does not exist", "check the path to the .toml file")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"recipe '{path}' is not valid TOML ({exc})", "fix the TOML syntax") from None
+    base = path.parent.absolute()
+    problems = [f"unknown top-level table '{k}'{did_you_mean(k, ['recipe', 'stages'])}" for k in data if k not in ("recipe", "stages")]
+    head = data.get("recipe", {})
+    problems += [f"[recipe] unknown key '{k}'{did_you_mean(k, _RECIPE_KEYS)}" for k in head if k not in _RECIPE_KEYS]
+    if "model" not in head:
+        problems.append("[recipe] needs 'model' (a Hugging Face checkpoint directory or an artifact)")
+    stages = data.get("stages", [])
+    if not isinstance(stages, list) or not stages:
+        problems.append("a recipe needs at least one [[stages]] table with a 'kind'")
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems), "see examples/ for a complete recipe")
+    name = str(head.get("name", path.stem))
+    targets = [load_target(t if not str(t).endswith(".toml") else str(resolve_path(t, base)))
+               for t in head.get("targets", ["local"])]
+    steps = []
+    for i, raw in enumerate(stages):
+        raw = dict(raw)
+        kind = raw.pop("kind", None)
+        if kind is None:
+            raise ConfigError(f"{path}: stage {i + 1} has no 'kind'", "add kind = \"convert\" (or another stage)")
+        spec = get_stage(kind)
+        cls = spec.config_class()
+        for key in path_fields(cls):
+            if raw.get(key):
+                raw[key] = str(resolve_path(raw[key], base))
+        steps.append(Step(i + 1, spec, build_config(cls, raw, f"{path}: stage {i + 1} ({kind})"), raw))
+    wd = workdir or (resolve_path(head["workdir"], base) if "workdir" in head else Path("edgepack-runs") / name)
+    return Recipe(name=name, model=resolve_path(head["model"], base), targets=targets, workdir=Path(wd).absolute(),
+                  steps=steps, source=str(path), trust_pickle=bool(head.get("trust_pickle", False)),
+                  description=str(head.get("description", "")))
+
+
+def step_hash(parent_digest: str, step: Step, target) -> str:
+    cfg = asdict(step.config)
+    for key in path_fields(type(step.config)):  # the content of a data file, not its path, decides the output
+        if cfg.get(key):
+            p = Path(cfg[key])
+            cfg[key] = {"name": p.name, "sha256": sha256_file(p) if p.is_file() else "missing"}
+    blob = json.dumps({"parent": parent_digest, "kind": step.spec.kind, "version": step.spec.version, "config": cfg,
+                       "target": target.to_dict() if target is not None else None}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class StepResult:
+    index: int
+    kind: str
+    target: str | None
+    path: str
+    status: str  # ran | cached | planned
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+def _branches(recipe: Recipe):
+    """[(target or None, steps)]: the shared prefix once, then one branch per target."""
+    first = next((i for i, s in enumerate(recipe.steps) if s.spec.per_target), len(recipe.steps))
+    shared = recipe.steps[:first]
+    rest = recipe.steps[first:]
+    return shared, rest
+
+
+def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[StepResult]:
+    """Fold the model through the stages. on_step(StepResult) is called after each step (for live output)."""
+    src = open_artifact(recipe.model, trust_pickle=recipe.trust_pickle)
+    recipe.workdir.mkdir(parents=True, exist_ok=True) if not dry_run else None
+    shared, rest = _branches(recipe)
+    results: list[StepResult] = []
+
+    def fold(art: Artifact, steps: list[Step], target, subdir: Path) -> Artifact:
+        digest = art.digest() if not dry_run or art.path.exists() else "planned"
+        for step in steps:
+            h = step_hash(digest, step, target if step.spec.per_target else None)
+            out = subdir / f"{step.index:02d}-{step.spec.kind}-{h[:12]}"
+            tname = target.name if (target is not None and step.spec.per_target) else None
+            if dry_run:
+                res = StepResult(step.index, step.spec.kind, tname, str(out),
+                                 "cached" if (out / MANIFEST_NAME).is_file() else "planned", 0.0, dict(step.raw))
+                results.append(res)
+                digest = h  # stand-in: later hashes in a dry run only need to be distinct
+                continue
+            t0 = time.perf_counter()
+            if (out / MANIFEST_NAME).is_file():
+                art, status = open_artifact(out), "cached"
+            else:
+                art = step.spec.function()(art, step.config, target if step.spec.per_target else None, out, force=True)
+                status = "ran"
+            digest = art.digest()
+            res = StepResult(step.index, step.spec.kind, tname, str(out), status, round(time.perf_counter() - t0, 2),
+                             (art.history[-1].get("metrics") if art.history else {}) or {})
+            results.append(res)
+            if on_step:
+                on_step(res)
+        return art
+
+    art = fold(src, shared, None, recipe.workdir)
+    if rest:
+        for target in recipe.targets:
+            fold(art, rest, target, recipe.workdir / target.name)
+    if not dry_run:
+        summary = {"recipe": recipe.source, "name": recipe.name, "model": str(recipe.model),
+                   "targets": [t.name for t in recipe.targets], "steps": [asdict(r) for r in results]}
+        (recipe.workdir / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return results

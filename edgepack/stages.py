@@ -1,0 +1,48 @@
+"""The closed registry of stages. A stage is a frozen config dataclass plus one function
+
+    run(src: Artifact, cfg: Config, target: Target | None, out: Path) -> Artifact
+
+that never changes `src` and writes a complete new artifact at `out` (through ArtifactWriter). Entries name their
+module and attribute as strings so that nothing heavy is imported until a stage actually runs; no user file can add
+an entry (no dotted paths from recipes, no plugin discovery).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from edgepack.errors import ConfigError, did_you_mean
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kind: str
+    config: str  # "module:ConfigClass"
+    run: str  # "module:function"
+    per_target: bool  # True: output depends on the target, so the plan fans out per target from here on
+    summary: str
+    version: int = 1  # bump when the stage's output changes for the same inputs (invalidates cached outputs)
+
+    def config_class(self):
+        mod, name = self.config.split(":")
+        return getattr(importlib.import_module(mod), name)
+
+    def function(self):
+        mod, name = self.run.split(":")
+        return getattr(importlib.import_module(mod), name)
+
+
+REGISTRY: dict[str, StageSpec] = {
+    "convert": StageSpec("convert", "edgepack.convert:ConvertConfig", "edgepack.convert:convert", False,
+                         "import a checkpoint as an artifact, optionally casting to float16/bfloat16"),
+    "eval": StageSpec("eval", "edgepack.compress.eval_stage:EvalConfig", "edgepack.compress.eval_stage:eval_stage",
+                      False, "measure perplexity on a text (edgepack-ppl-v1) and record it"),
+}
+
+
+def get_stage(kind: str) -> StageSpec:
+    if kind not in REGISTRY:
+        raise ConfigError(f"unknown stage kind '{kind}'{did_you_mean(kind, REGISTRY)}",
+                          f"available stages: {', '.join(REGISTRY)}")
+    return REGISTRY[kind]

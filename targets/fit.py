@@ -1,0 +1,179 @@
+"""Will a model fit a target, and how fast can it decode at best? Reads only the model's config.json.
+
+Memory = weights (at the chosen precision) + KV cache + runtime workspace, compared with the target's *usable*
+memory (on Jetson the OS and CPU side share it). Decode at batch 1 is bandwidth-bound: every generated token reads
+all block weights, the lm_head and the whole KV cache once, so tokens/s <= bandwidth / bytes read per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from edgepack.errors import ConfigError, UnsupportedOnTarget
+from edgepack.targets.profile import PRECISIONS, Target
+
+MIB = 1024**2
+
+# Bytes per stored weight. Quantized formats add their scales/zero-points per group of `group_size` weights.
+_WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5, "nf4": 0.5}
+_SCALE_BYTES_PER_GROUP = {"int4": 2.5, "nf4": 0.53}  # int4: fp16 scale + 4-bit zero; nf4: fp32 absmax double-quantized to 8 bit (+ 2nd level)
+_DEFAULT_GROUP = 128
+
+# Fixed runtime cost, bytes, by device type (measured or typical; see README "fit" section):
+#   cpu:    Python + numpy + onnxruntime/torch CPU libraries resident in the process (RSS measured on this project's
+#           2-core x86-64 machine at ~300 MiB after importing torch + onnxruntime)
+#   gpu:    CUDA context + cuBLAS/cuDNN workspaces (~500-600 MiB on A100/H100 with torch)
+#   jetson: CUDA context + TensorRT/torch libraries mapped into shared memory (~900 MiB on Orin, JetPack 6)
+RUNTIME_OVERHEAD_BYTES = {"cpu": 300 * MIB, "gpu": 600 * MIB, "jetson": 900 * MIB}
+
+# Decoder-only families whose MLP has two matrices instead of the gated three (up, gate, down).
+_UNGATED_MLP = {"gpt2", "gpt_neox", "opt", "phi", "falcon", "bloom", "gpt_bigcode", "starcoder2"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    gated_mlp: bool
+    experts: int  # 0 = dense
+    experts_per_token: int
+
+    @property
+    def block_linear_params(self) -> int:
+        """Parameters in the linear layers of all blocks (all experts)."""
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)  # q, o and k, v
+        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        return self.layers * (attn + mlp * max(1, self.experts))
+
+    @property
+    def active_block_linear_params(self) -> int:
+        """Linear parameters read per token (only the routed experts of an MoE)."""
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        return self.layers * (attn + mlp * (self.experts_per_token if self.experts else 1))
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tied else self.vocab * self.hidden
+
+    @property
+    def norm_params(self) -> int:
+        return (2 * self.layers + 1) * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        return self.block_linear_params + self.embedding_params + self.lm_head_params + self.norm_params
+
+
+def _get(cfg: dict, *names, default=None):
+    for n in names:
+        if cfg.get(n) is not None:
+            return cfg[n]
+    return default
+
+
+def model_shape(cfg: dict) -> ModelShape:
+    """Shape of a decoder-only transformer from its config.json dict (text_config for multimodal wrappers)."""
+    if "text_config" in cfg and "hidden_size" not in cfg:
+        cfg = cfg["text_config"]
+    hidden = _get(cfg, "hidden_size", "n_embd", "d_model")
+    layers = _get(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _get(cfg, "num_attention_heads", "n_head")
+    vocab = _get(cfg, "vocab_size")
+    missing = [n for n, v in (("hidden_size", hidden), ("num_hidden_layers", layers), ("num_attention_heads", heads),
+                              ("vocab_size", vocab)) if not isinstance(v, int) or v <= 0]
+    if missing:
+        raise ConfigError(f"config.json lacks positive integer {', '.join(missing)}",
+                          "fit needs a decoder-only transformer config (Llama, Qwen, Mistral, GPT-2 style)")
+    mt = str(cfg.get("model_type", "llama"))
+    return ModelShape(
+        model_type=mt, hidden=hidden, layers=layers, heads=heads, vocab=vocab,
+        intermediate=_get(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        kv_heads=_get(cfg, "num_key_value_heads", "num_kv_heads", default=heads),
+        head_dim=_get(cfg, "head_dim", default=hidden // heads),
+        tied=bool(cfg.get("tie_word_embeddings", mt in _UNGATED_MLP)),
+        gated_mlp=mt not in _UNGATED_MLP,
+        experts=int(_get(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0),
+        experts_per_token=int(_get(cfg, "num_experts_per_tok", "moe_topk", default=2)),
+    )
+
+
+def weight_bytes_per_param(precision: str, group_size: int = _DEFAULT_GROUP) -> float:
+    return _WEIGHT_BYTES[precision] + _SCALE_BYTES_PER_GROUP.get(precision, 0.0) / group_size
+
+
+def activation_bytes(precision: str, target: Target) -> int:
+    """Bytes per activation / KV element: fp32 on CPUs and for fp32 models, 16-bit on GPUs otherwise."""
+    return 4 if (precision == "fp32" or target.device_type == "cpu") else 2
+
+
+@dataclass(frozen=True)
+class FitReport:
+    target: str
+    precision: str
+    context: int
+    batch: int
+    params: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    required_bytes: int
+    usable_bytes: int
+    fits: bool
+    headroom_bytes: int
+    bytes_per_token: int
+    decode_tokens_per_s_limit: float
+    bandwidth_bytes_per_s: float
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048, batch: int = 1,
+        group_size: int = _DEFAULT_GROUP, check_support: bool = True) -> FitReport:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision '{precision}'", f"use one of {', '.join(PRECISIONS)}")
+    if context <= 0 or batch <= 0:
+        raise ConfigError("--context and --batch must be positive", "e.g. --context 2048 --batch 1")
+    if check_support and not target.supports(precision=precision):
+        raise UnsupportedOnTarget(f"target '{target.name}' does not run {precision}",
+                                  f"it supports: {', '.join(target.precisions)}")
+    s = model_shape(cfg)
+    act = activation_bytes(precision, target)
+    quantized = precision not in ("fp32", "fp16", "bf16")
+    wb = weight_bytes_per_param(precision, group_size)
+    # Embedding table and lm_head stay at activation precision for weight-only formats (they are gathered / tiny
+    # share of compute, and quantizing them costs the most quality).
+    other = act if quantized else _WEIGHT_BYTES[precision]
+    weights = s.block_linear_params * wb + (s.embedding_params + s.lm_head_params) * other + s.norm_params * act
+    kv = 2 * s.layers * s.kv_heads * s.head_dim * context * batch * act
+    # Workspace: prefill activations for one full-length pass (residual, q/k/v/o, gated MLP intermediates), the
+    # fp32 logits of one step, and on CPU runtimes the materialised attention scores (no fused attention kernel).
+    prefill = batch * context * (4 * s.hidden + 3 * s.intermediate) * act
+    logits = batch * s.vocab * 4
+    scores = batch * s.heads * context * context * 4 if target.device_type == "cpu" else 0
+    workspace = prefill + logits + scores + RUNTIME_OVERHEAD_BYTES[target.device_type]
+    required = int(weights + kv + workspace)
+    read_per_step = (s.active_block_linear_params * wb + s.lm_head_params * other
+                     + (s.embedding_params * other if s.tied else 0) + kv)
+    limit = batch * target.bandwidth_bytes_per_s / read_per_step
+    return FitReport(
+        target=target.name, precision=precision, context=context, batch=batch, params=s.total_params,
+        weights_bytes=int(weights), kv_cache_bytes=int(kv), workspace_bytes=int(workspace), required_bytes=required,
+        usable_bytes=target.usable_memory_bytes, fits=required <= target.usable_memory_bytes,
+        headroom_bytes=target.usable_memory_bytes - required, bytes_per_token=int(read_per_step / batch),
+        decode_tokens_per_s_limit=round(limit, 2), bandwidth_bytes_per_s=target.bandwidth_bytes_per_s,
+        note="roofline prediction (bandwidth / bytes read per decode step), not a measurement",
+    )

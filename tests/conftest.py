@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny Llama models built in-process from a config (fixed seed, no network), and the real
+pretrained stories260K from ../shared when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+TINYSTORIES = SHARED / "data" / "tinystories-valid-sample.txt"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_llama_config(**over):
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+              tie_word_embeddings=False)
+    kw.update(over)
+    return LlamaConfig(**kw)
+
+
+def make_tiny_llama(path: Path, seed: int = 0, **over) -> Path:
+    """A random-weight Llama saved as a Hugging Face checkpoint with the stories260K tokenizer (vocab 512)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from edgepack.hf import copy_tokenizer
+    from edgepack.plan import embedded_path
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**over)).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    copy_tokenizer(embedded_path("stories260K"), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def stories() -> Path:
+    if not (STORIES / "model.safetensors").is_file():
+        pytest.skip(f"stories260K not found at {STORIES}")
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def tinystories_text() -> Path:
+    if not TINYSTORIES.is_file():
+        pytest.skip(f"{TINYSTORIES} not found")
+    return TINYSTORIES
+
+
+@pytest.fixture(scope="session")
+def embedded_text() -> Path:
+    from edgepack.plan import embedded_path
+
+    return embedded_path("tinystories-sample.txt")
+
+
+def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs the tensorrt package (pip install 'edgepack[tensorrt]')"))
