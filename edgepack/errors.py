@@ -16,6 +16,9 @@ class EdgepackError(Exception):
         self.problem = problem
         self.hint = hint
 
+    def __str__(self) -> str:
+        return self.one_line()
+
     def one_line(self) -> str:
         text = " ".join(self.problem.split())
         if self.hint:

@@ -15,6 +15,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bars or tokenizer length warnings: edgepack prints its own progress and tables."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -45,6 +56,7 @@ def load_model(art: Artifact | str | Path, *, device: str | None = None, dtype=N
     import torch
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     art = art if isinstance(art, Artifact) else open_artifact(art, trust_pickle=trust_pickle)
     if art.format != "hf":
         raise ArtifactError(f"'{art.path}' is a '{art.format}' artifact, not a Hugging Face checkpoint",
@@ -74,6 +86,7 @@ def _stored_dtype(path: Path) -> str | None:
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     try:
         return AutoTokenizer.from_pretrained(Path(path), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as exc:

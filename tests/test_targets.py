@@ -1,0 +1,107 @@
+"""Target profiles load, carry sources, answer capability questions; fit and roofline maths are right."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgepack.errors import ConfigError, UnsupportedOnTarget
+from edgepack.targets import list_targets, load_target
+from edgepack.targets.fit import fit, model_shape
+
+REQUIRED = ["a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "jetson-agx-orin-64gb", "jetson-agx-orin-32gb",
+            "jetson-orin-nx-16gb", "jetson-orin-nx-8gb", "jetson-orin-nano-8gb", "jetson-orin-nano-4gb",
+            "cpu-x86-64", "cpu-arm64", "local"]
+LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
+                 max_position_embeddings=4096)
+LLAMA3_70B = dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                  num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+
+
+def test_all_required_targets_exist_and_load_with_sources():
+    names = list_targets()
+    for n in REQUIRED:
+        assert n in names
+    for n in names:
+        if n == "local":
+            continue
+        t = load_target(n)
+        assert t.name == n
+        assert 0 < t.usable_memory_bytes <= t.memory_bytes
+        assert {"memory", "usable_memory", "bandwidth"} <= set(t.sources)
+        assert t.runtimes and t.precisions
+
+
+def test_capabilities_not_names():
+    assert load_target("h100-sxm").supports(precision="fp8")
+    for n in ("a100-40gb", "a100-80gb", "jetson-agx-orin-64gb", "jetson-orin-nano-4gb"):
+        assert not load_target(n).supports(precision="fp8")
+    orin = load_target("jetson-orin-nano-8gb")
+    assert orin.engine_build == "device" and orin.unified_memory and orin.sm == 87
+    cpu = load_target("cpu-x86-64")
+    assert cpu.preferred_runtime() == "onnxruntime" and cpu.supports(precision="int4") and not cpu.has_cuda
+
+
+def test_unknown_target_did_you_mean():
+    with pytest.raises(ConfigError, match="did you mean 'h100-sxm'"):
+        load_target("h100-sxn")
+
+
+def test_user_toml(tmp_path):
+    src = (load_target("cpu-x86-64").path or "")  # packaged: no path
+    assert src == ""
+    good = tmp_path / "board.toml"
+    good.write_text('name = "my-board"\ndevice_type = "cpu"\narch = "arm64"\nmemory_gib = 8\nusable_memory_gib = 6\n'
+                    'bandwidth_gb_s = 25.6\nprecisions = ["fp32", "int8"]\nruntimes = ["onnxruntime"]\n'
+                    '[sources]\nmemory = "spec"\nusable_memory = "guess"\nbandwidth = "spec"\n')
+    t = load_target(str(good))
+    assert t.name == "my-board" and t.bandwidth_bytes_per_s == 25.6e9
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text().replace("bandwidth_gb_s", "bandwith_gb_s"))
+    with pytest.raises(ConfigError, match="did you mean 'bandwidth_gb_s'"):
+        load_target(str(bad))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_target(str(broken))
+
+
+def test_local_target_measures_this_machine():
+    t = load_target("local")
+    assert t.measured["cpu_cores"] >= 1 and t.memory_bytes > 1e9
+    assert 0.5e9 < t.bandwidth_bytes_per_s < 2e12  # a real copy bandwidth, bytes/s
+
+
+def test_llama2_7b_shape_and_memory():
+    s = model_shape(LLAMA2_7B)
+    assert s.total_params == 6_738_415_616  # the published Llama-2-7B parameter count
+    r = fit(LLAMA2_7B, load_target("a100-40gb"), "fp16", context=4096)
+    assert r.kv_cache_bytes == 2 * 32 * 32 * 128 * 4096 * 2  # 2 x layers x kv_heads x head_dim x ctx x bytes
+    assert abs(r.weights_bytes - 6_738_415_616 * 2) < 1e6
+    assert r.fits
+    assert not fit(LLAMA2_7B, load_target("jetson-orin-nano-8gb"), "fp16").fits
+    assert fit(LLAMA2_7B, load_target("jetson-orin-nx-16gb"), "int4").fits
+
+
+def test_roofline_is_bandwidth_over_bytes_per_token():
+    t = load_target("jetson-agx-orin-64gb")
+    r = fit(LLAMA2_7B, t, "fp16", context=1)
+    assert r.decode_tokens_per_s_limit == pytest.approx(t.bandwidth_bytes_per_s / r.bytes_per_token, rel=1e-3)
+    # NVIDIA's rule of thumb: ~200 GB/s Orin runs an FP16 7B at <= ~15 tok/s; published AWQ INT4 31 tok/s
+    assert 13 < r.decode_tokens_per_s_limit < 16
+    assert 30 < fit(LLAMA2_7B, t, "int4", context=1).decode_tokens_per_s_limit < 60
+
+
+def test_70b_config_on_this_machine_and_gqa():
+    r = fit(LLAMA3_70B, load_target("h100-sxm"), "fp8", context=8192)
+    assert 70e9 < r.params < 71e9
+    assert r.kv_cache_bytes == 2 * 80 * 8 * 128 * 8192 * 2
+    assert r.fits  # ~71 GB of FP8 weights + 2.7 GB KV on an 80 GB H100
+    assert not fit(LLAMA3_70B, load_target("h100-sxm"), "fp16").fits
+
+
+def test_unsupported_precision_and_bad_config():
+    with pytest.raises(UnsupportedOnTarget, match="supports: fp32, fp16, bf16, int8, int4"):
+        fit(LLAMA2_7B, load_target("a100-40gb"), "fp8")
+    with pytest.raises(ConfigError, match="hidden_size"):
+        fit({"model_type": "llama"}, load_target("a100-40gb"), "fp16")
