@@ -19,7 +19,12 @@ def quiet_transformers() -> None:
     """No per-load progress bars or tokenizer length warnings: edgepack prints its own progress and tables."""
     import os
 
+    import logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torchao (when installed) logs missing CUDA kernels and torch deprecation notes at import; not actionable here.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -36,11 +36,13 @@ def print_table(title: str | None, columns: list[str], rows: list[list], caption
     from rich.table import Table
 
     t = Table(title=title, caption=caption, header_style="bold")
-    for c in columns:
-        t.add_column(c, overflow="fold")
+    for i, c in enumerate(columns):
+        t.add_column(c, overflow="fold", no_wrap=(i == 0))  # the first column names the row: keep it whole
     for r in rows:
         t.add_row(*[c if isinstance(c, str) else fmt_num(c) for c in r])
-    Console(width=max(100, Console().width)).print(t)
+    console = Console()
+    # Piped output (logs, CI) has no terminal width: use a wide page rather than rich's 80 columns.
+    console.print(t, width=console.width if console.is_terminal else 160)
 
 
 def emit_json(obj) -> None:

@@ -71,7 +71,7 @@ def test_crash_midway_then_resume_without_redoing(tmp_path, tiny_model, tag_regi
         run_recipe(load_recipe(p))
     leftovers = [x.name for x in (tmp_path / "wd").rglob(".*partial*")]
     assert leftovers == []
-    p.write_text(body.replace("fail = true\n", ""))
+    p.write_text(p.read_text().replace("fail = true\n", ""))
     CALLS.clear()
     res = run_recipe(load_recipe(p))
     assert [r.status for r in res] == ["cached", "cached", "ran"]

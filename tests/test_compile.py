@@ -1,0 +1,138 @@
+"""compile: the runtime / precision choice per target profile, refusals with the way out, and a compiled artifact
+that `edgepack generate` runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'edgepack[onnx]')")
+
+from edgepack.deploy import compile as comp  # noqa: E402
+from edgepack.deploy.compile import CompileConfig, choose_path, compile_stage  # noqa: E402
+from edgepack.targets import load_target  # noqa: E402
+from edgepack.targets.profile import target_from_dict  # noqa: E402
+
+from edgepack.artifact import open_artifact  # noqa: E402
+from edgepack.errors import ConfigError, MissingDependency, UnsupportedOnTarget  # noqa: E402
+
+CPU = load_target("cpu-x86-64")
+
+
+def _cpu_target(precisions):
+    return target_from_dict({"name": "cpu-test", "device_type": "cpu", "arch": "x86-64", "memory_gib": 8,
+                             "usable_memory_gib": 6, "bandwidth_gb_s": 20, "precisions": precisions,
+                             "runtimes": ["onnxruntime"], "sources": {"memory": "t", "usable_memory": "t",
+                                                                      "bandwidth": "t"}}, "test")
+
+
+def test_cpu_default_is_int4_when_the_quantize_onnx_path_exists(monkeypatch):
+    monkeypatch.setattr(comp, "onnx_quantize_available", lambda: True)
+    assert choose_path(CompileConfig(), CPU) == {"runtime": "onnxruntime", "precision": "int4", "device": "cpu", "note": ""}
+    assert choose_path(CompileConfig(), _cpu_target(["fp32", "int8"]))["precision"] == "int8"
+    assert choose_path(CompileConfig(precision="fp32"), CPU)["precision"] == "fp32"
+
+
+def test_cpu_default_falls_back_to_fp32_and_says_why(monkeypatch):
+    monkeypatch.setattr(comp, "onnx_quantize_available", lambda: False)
+    path = choose_path(CompileConfig(), CPU)
+    assert (path["runtime"], path["precision"]) == ("onnxruntime", "fp32")
+    assert "int4 not applied" in path["note"] and "quantize" in path["note"]
+    with pytest.raises(ConfigError, match="int4 needs the quantize stage's ONNX path"):
+        choose_path(CompileConfig(precision="int4"), CPU)
+
+
+def test_gpu_targets_are_refused_naming_what_is_missing():
+    h100 = load_target("h100-sxm")
+    with pytest.raises(UnsupportedOnTarget, match="compile for runtime 'tensorrt'") as e:
+        choose_path(CompileConfig(), h100)
+    assert "--runtime onnxruntime" in e.value.hint
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(MissingDependency, match="onnxruntime-gpu"):
+            choose_path(CompileConfig(runtime="onnxruntime"), h100)
+
+
+def test_precision_and_runtime_the_target_lacks_are_refused():
+    with pytest.raises(UnsupportedOnTarget, match="cannot run int4"):
+        choose_path(CompileConfig(precision="int4"), _cpu_target(["fp32"]))
+    with pytest.raises(UnsupportedOnTarget, match="does not run 'tensorrt'"):
+        choose_path(CompileConfig(runtime="tensorrt"), CPU)
+    with pytest.raises(ConfigError, match="compile needs a target"):
+        choose_path(CompileConfig(), None)
+
+
+@pytest.fixture(scope="module")
+def compiled(stories, tmp_path_factory):
+    """stories260K exported (torchscript, fast) then compiled for the CPU as it is (fp32 ONNX source)."""
+    from edgepack.deploy.onnx_export import ExportConfig, export_onnx
+
+    d = tmp_path_factory.mktemp("comp")
+    onnx_art = export_onnx(open_artifact(stories), ExportConfig(exporter="torchscript", greedy_tokens=0), None, d / "onnx")
+    return compile_stage(onnx_art, CompileConfig(measure_tokens=24), CPU, d / "cpu")
+
+
+def test_compiled_artifact_records_runtime_precision_and_speed(compiled):
+    ex, rec = compiled.extra, compiled.history[-1]
+    assert compiled.format == "onnx" and (ex["runtime"], ex["precision"], ex["device"], ex["target"]) == (
+        "onnxruntime", "fp32", "cpu", "cpu-x86-64")
+    assert [h["stage"] for h in compiled.history] == ["export", "compile"]
+    assert rec["metrics"]["measured_tokens"] == 24 and rec["metrics"]["decode_tokens_per_s"] > 1
+    compiled.verify()  # every file linked in is listed with its sha256
+
+
+def test_compiling_an_onnx_artifact_cannot_requantize_it(compiled, tmp_path):
+    with pytest.raises(ConfigError, match="already fp32; compile cannot re-quantize it to int4"):
+        compile_stage(compiled, CompileConfig(precision="int4"), CPU, tmp_path / "x")
+
+
+def test_generate_cli_on_compiled_artifact_matches_pytorch_greedy(stories, compiled):
+    from click.testing import CliRunner
+    from edgepack.deploy.runtime import open_runtime
+
+    from edgepack.cli import cli
+    from edgepack.hf import load_tokenizer
+
+    r = CliRunner().invoke(cli, ["generate", str(compiled.path), "--prompt", "Once upon a time", "--max-new-tokens",
+                                 "24", "--ignore-eos", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    ids = [load_tokenizer(stories)("Once upon a time")["input_ids"]]
+    from edgepack.deploy.generation import GenerationConfig, generate
+
+    ref = generate(open_runtime(open_artifact(stories)), ids, GenerationConfig(max_new_tokens=24)).tokens[0]
+    assert res["tokens"] == ref.tolist() and res["runtime"] == "onnxruntime" and res["new_tokens"] == 24
+    assert res["text"] and res["decode_tokens_per_s"] > 0
+    text = CliRunner().invoke(cli, ["generate", str(compiled.path), "--prompt", "Once upon a time",
+                                    "--max-new-tokens", "8", "--temperature", "0.9", "--seed", "3"])
+    assert text.exit_code == 0 and text.output.startswith("Once upon a time")
+
+
+def test_compile_cli_refuses_gpu_target_in_one_line(compiled, tmp_path):
+    from click.testing import CliRunner
+
+    from edgepack.cli import cli
+
+    r = CliRunner().invoke(cli, ["compile", str(compiled.path), "--target", "h100-sxm", "-o", str(tmp_path / "g")])
+    assert r.exit_code == 1 and r.output.startswith("error: compile for runtime 'tensorrt'")
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.slow
+def test_compile_hf_for_cpu_defaults_to_int4_matmulnbits(stories, tmp_path):
+    if not comp.onnx_quantize_available():
+        pytest.skip("the quantize stage's ONNX path (compress/quant_onnx.py) is not installed")
+    import onnx
+
+    art = compile_stage(open_artifact(stories), CompileConfig(exporter="torchscript", measure_tokens=16), CPU,
+                        tmp_path / "int4")
+    assert (art.extra["precision"], art.extra["runtime"], art.extra["made_by"]) == (
+        "int4", "onnxruntime", "torch.onnx (torchscript)")
+    assert [h["stage"] for h in art.history] == ["quantize", "compile"]
+    ops = [n.op_type for n in onnx.load(str(art.path / "model.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 5 * 7  # every decoder linear; lm_head stays fp32
+    q = art.history[0]["metrics"]
+    assert q["ppl_increase_pct"] < 20 and q["sqnr_db"] > 15  # measured: +10.0 %, 22.8 dB (int4-rtn, block 32)
+    assert art.history[-1]["metrics"]["decode_tokens_per_s"] > 1
