@@ -129,15 +129,15 @@ def fit_cmd(model, target_name, precision, context, batch, group_size, as_json):
                     continue
                 r = fit(cfg, t, p, context, batch, group_size)
                 reports.append(r.to_dict())
-                row.append(f"{'fits' if r.fits else 'NO'} {fmt_bytes(r.required_bytes)}, <= {r.decode_tokens_per_s_limit:,.0f} tok/s")
+                row.append(f"{'fits' if r.fits else 'NO'} {r.required_bytes / 2**30:.1f}G {r.decode_tokens_per_s_limit:,.0f}t/s")
             rows.append(row)
         if as_json:
             emit_json({"model": model, "params": shape.total_params, "context": context, "batch": batch, "results": reports})
             return
         print_table(f"fit: {model} ({shape.total_params / 1e9:.2f}B params), context {context}, batch {batch}",
                     ["target", "usable"] + precs, rows,
-                    caption="required memory (weights + KV cache + workspace) and the bandwidth-bound decode limit "
-                            "(roofline prediction, not a measurement); n/a = precision not supported by the target")
+                    caption="each cell: verdict, required GiB (weights + KV cache + workspace), bandwidth-bound decode "
+                            "limit in tokens/s (roofline prediction, not a measurement); n/a = precision not supported")
         return
     t = load_target(target_name)
     prec = precision or ("fp16" if t.supports(precision="fp16") else "fp32")

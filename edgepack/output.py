@@ -41,8 +41,9 @@ def print_table(title: str | None, columns: list[str], rows: list[list], caption
     for r in rows:
         t.add_row(*[c if isinstance(c, str) else fmt_num(c) for c in r])
     console = Console()
-    # Piped output (logs, CI) has no terminal width: use a wide page rather than rich's 80 columns.
-    console.print(t, width=console.width if console.is_terminal else 160)
+    if not console.is_terminal:  # piped output (logs, CI) has no width: use a wide page rather than 80 columns
+        console = Console(width=160)
+    console.print(t)
 
 
 def emit_json(obj) -> None:
