@@ -152,6 +152,8 @@ def hf_logits_fn(model) -> LogitsFn:
 # max_positions)". An explicit closed table: formats are added here by the stage that creates them.
 SCORERS: dict[str, str] = {
     "hf": "edgepack.compress.evaluate:open_hf_scorer",
+    "onnx": "edgepack.deploy.ort_runtime:open_onnx_scorer",
+    "torch-quant": "edgepack.compress.quant_torch:open_torch_quant_scorer",
 }
 
 

@@ -42,11 +42,15 @@ class Runtime(Protocol):
 RUNTIMES: dict[str, str] = {
     "torch-cpu": "edgepack.deploy.torch_runtime:open_torch_runtime",
     "hf": "edgepack.deploy.torch_runtime:open_hf_baseline",
+    "onnxruntime": "edgepack.deploy.ort_runtime:open_ort_runtime",
+    "torch-quant": "edgepack.compress.quant_torch:open_torch_quant_runtime",
 }
 
 # artifact format -> the runtime that runs it by default
 DEFAULT_RUNTIME: dict[str, str] = {
     "hf": "torch-cpu",
+    "onnx": "onnxruntime",
+    "torch-quant": "torch-quant",
 }
 
 

@@ -24,6 +24,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("edgepack.commands:inspect_cmd", "Show an artifact's lineage, files and checksums."),
     "run": ("edgepack.commands:run_cmd", "Run a recipe of stages (resumable; --dry-run prints the plan)."),
     "demo": ("edgepack.commands:demo_cmd", "Run the embedded demo recipe end to end (offline)."),
+    "quantize": ("edgepack.compress.quantize_cli:quantize_cmd", "Quantize weights (int8/int4/nf4/fp8, onnx or torch) with measured quality."),
+    "export": ("edgepack.deploy.cli:export_group", "Export a model: 'export onnx' (decoder with KV cache, validated)."),
+    "compile": ("edgepack.deploy.cli:compile_cmd", "Compile for a target: runtime + precision from its profile."),
+    "generate": ("edgepack.deploy.cli:generate_cmd", "Generate text from any runnable artifact, with its speed."),
+    "bundle": ("edgepack.deploy.ship_cli:bundle_cmd", "Package an artifact for one target: a verified device bundle."),
+    "push": ("edgepack.deploy.ship_cli:push_cmd", "Ship a bundle to devices over SSH (resumable, verified, atomic)."),
+    "rollback": ("edgepack.deploy.ship_cli:rollback_cmd", "Switch devices back to their previous release."),
+    "remote": ("edgepack.deploy.ship_cli:remote_group", "On-device commands over SSH: status, prepare, bench."),
+    "serve": ("edgepack.deploy.serve_cli:serve_cmd", "OpenAI-compatible HTTP server for a bundle or artifact."),
+    "bench": ("edgepack.bench.cli:bench", "Measure tokens/s, TTFT, memory and bandwidth use; 'bench compare' reports."),
+    "prune": ("edgepack.compress.prune_cli:prune_cmd", "Prune a model: magnitude, wanda, sparsegpt, 2:4, depth, width."),
+    "distill": ("edgepack.compress.prune_cli:distill_cmd", "Distill a teacher into a (pruned) student; resumable."),
+    "tune": ("edgepack.tune.cli:tune_group", "Fine-tune on your data: 'tune prepare' data, 'tune qlora' (QLoRA/LoRA + merge)."),
 }
 
 

@@ -17,9 +17,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def quiet_transformers() -> None:
     """No per-load progress bars or tokenizer length warnings: edgepack prints its own progress and tables."""
-    import os
-
     import logging
+    import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # torchao (when installed) logs missing CUDA kernels and torch deprecation notes at import; not actionable here.

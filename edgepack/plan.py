@@ -25,9 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from edgepack.artifact import MANIFEST_NAME, Artifact, open_artifact, sha256_file
 from edgepack.config import build_config, path_fields

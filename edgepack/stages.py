@@ -38,6 +38,20 @@ REGISTRY: dict[str, StageSpec] = {
                          "import a checkpoint as an artifact, optionally casting to float16/bfloat16"),
     "eval": StageSpec("eval", "edgepack.compress.eval_stage:EvalConfig", "edgepack.compress.eval_stage:eval_stage",
                       False, "measure perplexity on a text (edgepack-ppl-v1) and record it"),
+    "export": StageSpec("export", "edgepack.deploy.onnx_export:ExportConfig", "edgepack.deploy.onnx_export:export_onnx",
+                        False, "ONNX decoder with KV cache; logits max-abs-diff and greedy-token agreement vs PyTorch"),
+    "compile": StageSpec("compile", "edgepack.deploy.compile:CompileConfig", "edgepack.deploy.compile:compile_stage",
+                         True, "runnable artifact for the target: runtime + precision from its profile (CPU: onnxruntime)"),
+    "quantize": StageSpec("quantize", "edgepack.compress.quantize:QuantizeConfig", "edgepack.compress.quantize:quantize",
+                          True, "int8 / int4 (rtn, gptq, hqq) / nf4 / fp8 weights, onnx or torch; ppl before/after, SQNR"),
+    "bench": StageSpec("bench", "edgepack.bench.run:BenchConfig", "edgepack.bench.stage:bench_stage", True,
+                       "measure tokens/s, latency, peak memory and bandwidth use on this machine; record them"),
+    "prune": StageSpec("prune", "edgepack.compress.prune:PruneConfig", "edgepack.compress.prune:prune", False,
+                       "prune weights (magnitude/wanda/sparsegpt/2:4) or layers/channels (depth/width); ppl before/after"),
+    "distill": StageSpec("distill", "edgepack.compress.distill:DistillConfig", "edgepack.compress.distill:distill",
+                         False, "distill the teacher (default: the base model) into this student; teacher/student ppl"),
+    "tune": StageSpec("tune", "edgepack.tune.qlora:TuneConfig", "edgepack.tune.qlora:tune", False,
+                      "QLoRA / LoRA fine-tune on a data file; merged full-precision model, val ppl before/after"),
 }
 
 

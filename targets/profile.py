@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+
+import tomllib
 
 from edgepack.errors import ConfigError, did_you_mean
 

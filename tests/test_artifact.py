@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 
-from edgepack.artifact import (MANIFEST_NAME, ArtifactWriter, check_safetensors, hash_files, open_artifact,
-                               stage_record)
+from edgepack.artifact import MANIFEST_NAME, ArtifactWriter, check_safetensors, hash_files, open_artifact, stage_record
 from edgepack.errors import ArtifactError
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'edgepack[onnx]')")
 
+from edgepack.artifact import open_artifact  # noqa: E402
 from edgepack.deploy import compile as comp  # noqa: E402
 from edgepack.deploy.compile import CompileConfig, choose_path, compile_stage  # noqa: E402
+from edgepack.errors import ConfigError, MissingDependency, UnsupportedOnTarget  # noqa: E402
 from edgepack.targets import load_target  # noqa: E402
 from edgepack.targets.profile import target_from_dict  # noqa: E402
-
-from edgepack.artifact import open_artifact  # noqa: E402
-from edgepack.errors import ConfigError, MissingDependency, UnsupportedOnTarget  # noqa: E402
 
 CPU = load_target("cpu-x86-64")
 
@@ -90,9 +90,9 @@ def test_compiling_an_onnx_artifact_cannot_requantize_it(compiled, tmp_path):
 
 def test_generate_cli_on_compiled_artifact_matches_pytorch_greedy(stories, compiled):
     from click.testing import CliRunner
-    from edgepack.deploy.runtime import open_runtime
 
     from edgepack.cli import cli
+    from edgepack.deploy.runtime import open_runtime
     from edgepack.hf import load_tokenizer
 
     r = CliRunner().invoke(cli, ["generate", str(compiled.path), "--prompt", "Once upon a time", "--max-new-tokens",
@@ -136,3 +136,46 @@ def test_compile_hf_for_cpu_defaults_to_int4_matmulnbits(stories, tmp_path):
     q = art.history[0]["metrics"]
     assert q["ppl_increase_pct"] < 20 and q["sqnr_db"] > 15  # measured: +10.0 %, 22.8 dB (int4-rtn, block 32)
     assert art.history[-1]["metrics"]["decode_tokens_per_s"] > 1
+
+
+def test_genai_builder_refuses_head_dim_not_multiple_of_16(stories, tmp_path):
+    pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai (pip install 'edgepack[genai]')")
+    with pytest.raises(UnsupportedOnTarget, match="multiple of 16; this model's is 8"):
+        compile_stage(open_artifact(stories), CompileConfig(builder="genai"), CPU, tmp_path / "g")
+    with pytest.raises(ConfigError, match="does not write int8"):
+        compile_stage(open_artifact(stories), CompileConfig(builder="genai", precision="int8"), CPU, tmp_path / "g")
+    assert not (tmp_path / "g").exists()
+
+
+def test_genai_builder_fp32_matches_pytorch_and_records_its_path(tiny_model, tmp_path):
+    """tiny_model has head_dim 16. The builder's fp32 graph must equal PyTorch; int4 is its default on a CPU."""
+    pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai (pip install 'edgepack[genai]')")
+    from edgepack.deploy.generation import GenerationConfig, generate
+    from edgepack.deploy.runtime import open_runtime
+
+    assert choose_path(CompileConfig(builder="genai"), CPU)["precision"] == "int4"
+    art = compile_stage(open_artifact(tiny_model), CompileConfig(builder="genai", precision="fp32", measure_tokens=8),
+                        CPU, tmp_path / "g32")
+    m = art.history[-1]["metrics"]
+    assert art.extra["made_by"].startswith("onnxruntime-genai builder") and m["max_abs_diff"] < 1e-4
+    assert "genai_config.json" in art.files
+    prompt = np.array([[1, 403, 261, 426, 306]])
+    rt = open_runtime(art)
+    assert rt.describe()["shared_kv_buffer"] is True  # GQA writes into the one pre-allocated cache in place
+    a = generate(rt, prompt, GenerationConfig(max_new_tokens=16)).tokens
+    b = generate(open_runtime(open_artifact(tiny_model)), prompt, GenerationConfig(max_new_tokens=16)).tokens
+    assert np.array_equal(a, b)
+
+
+def test_auto_builder_takes_genai_for_cpu_int4_only_where_it_can_build(stories, tiny_model):
+    from edgepack.deploy.compile import resolve_builder
+
+    cpu_int4 = {"runtime": "onnxruntime", "precision": "int4", "device": "cpu", "note": ""}
+    b, why = resolve_builder(CompileConfig(), open_artifact(stories), cpu_int4)
+    assert b == "edgepack" and "head_dim 8 is not a multiple of 16" in why
+    assert resolve_builder(CompileConfig(), open_artifact(tiny_model), {**cpu_int4, "precision": "fp32"})[0] == "edgepack"
+    assert resolve_builder(CompileConfig(builder="edgepack"), open_artifact(tiny_model), cpu_int4) == ("edgepack", "asked for")
+    import importlib.util
+
+    expected = "genai" if importlib.util.find_spec("onnxruntime_genai") else "edgepack"
+    assert resolve_builder(CompileConfig(), open_artifact(tiny_model), cpu_int4)[0] == expected

@@ -10,9 +10,8 @@ import pytest
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'edgepack[onnx]')")
 pytest.importorskip("onnx", reason="needs onnx (pip install 'edgepack[onnx]')")
 
-from edgepack.deploy.onnx_export import ExportConfig, export_onnx  # noqa: E402
-
 from edgepack.artifact import open_artifact  # noqa: E402
+from edgepack.deploy.onnx_export import ExportConfig, export_onnx  # noqa: E402
 from edgepack.errors import ArtifactError, ConfigError, UnsupportedOnTarget, ValidationFailed  # noqa: E402
 
 FAST = ExportConfig(exporter="torchscript")  # ~10x quicker to export; the dynamo path has its own (slow) test
@@ -40,7 +39,6 @@ def test_export_records_parity_within_1e4_and_64_identical_greedy_tokens(stories
 def test_onnx_logits_and_greedy_text_match_pytorch_independently(stories, stories_onnx):
     """Not the stage's own probe: a real prompt, a 200-token forward, and 64 greedy tokens through the cache."""
     from edgepack.deploy.generation import GenerationConfig, generate
-
     from edgepack.hf import load_tokenizer
 
     ref_rt, ort_rt = _torch_and_ort(stories, stories_onnx)

@@ -8,10 +8,9 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'edgepack[onnx]')")
 
+from edgepack.artifact import open_artifact  # noqa: E402
 from edgepack.deploy.generation import GenerationConfig, generate  # noqa: E402
 from edgepack.deploy.runtime import open_runtime  # noqa: E402
-
-from edgepack.artifact import open_artifact  # noqa: E402
 from edgepack.errors import ArtifactError, ConfigError  # noqa: E402
 
 PROMPT = np.array([[1, 403, 261, 426, 306, 267, 349]])  # BOS + "Once upon a time" in the stories260K vocab

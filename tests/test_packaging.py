@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
+import tomllib
 from conftest import ROOT
 
 STAGE_DIRS = {"edgepack": "edgepack", "tune": "edgepack.tune", "compress": "edgepack.compress",

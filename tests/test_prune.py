@@ -18,7 +18,6 @@ from edgepack.compress import prune_algos as pa  # noqa: E402
 def stories_setup(stories, tinystories_text):
     """(dense model, tokenizer, calibration [16, 128], held-out ids capped at 2048 tokens)."""
     from edgepack.compress.prune import chunk, split_stream
-
     from edgepack.hf import load_model, load_tokenizer
 
     torch.set_num_threads(1)
@@ -65,14 +64,16 @@ def test_two_four_pattern_holds_for_every_criterion(tmp_path, criterion):
 def test_sparsegpt_update_reconstructs_outputs_better_than_masking():
     torch.manual_seed(0)
     w = torch.randn(48, 64, dtype=torch.float64)
-    x = torch.randn(512, 64, dtype=torch.float64) @ torch.randn(64, 64, dtype=torch.float64)  # correlated inputs
+    # correlated inputs, like real activations: 24 directions plus a little noise
+    x = torch.randn(512, 24, dtype=torch.float64) @ torch.randn(24, 64, dtype=torch.float64)
+    x += 0.1 * torch.randn(512, 64, dtype=torch.float64)
     h = x.T @ x
     pruned = pa._sparsegpt_matrix(w, h, 0.5, None)
     assert float((pruned == 0).double().mean()) == pytest.approx(0.5, abs=0.02)
     wanda_mask = pa._mask_lowest(w.abs() * x.pow(2).sum(0).sqrt(), 0.5, None, per_row=True)
     err_sgpt = float((x @ (w - pruned).T).norm())
     err_wanda = float((x @ w.masked_fill(wanda_mask, 0).T - x @ w.T).norm())
-    assert err_sgpt < 0.8 * err_wanda  # the OBS update repairs what the mask breaks
+    assert err_sgpt < 0.8 * err_wanda  # the OBS update repairs what the mask breaks (measured: 0.65)
 
 
 def test_activation_aware_criteria_halve_magnitudes_damage_on_stories(stories_setup):
@@ -131,9 +132,8 @@ def test_width_removes_dead_channels_and_groups_exactly(tmp_path):
 
 
 def test_prune_stage_records_depth_numbers(stories, tinystories_text, tmp_path):
-    from edgepack.compress.prune import PruneConfig, prune
-
     from edgepack.artifact import open_artifact
+    from edgepack.compress.prune import PruneConfig, prune
     from edgepack.hf import load_model
 
     cfg = PruneConfig(method="depth", sparsity=0.2, calib=str(tinystories_text), calib_tokens=2048, seq_len=128,
@@ -148,9 +148,8 @@ def test_prune_stage_records_depth_numbers(stories, tinystories_text, tmp_path):
 
 
 def test_quality_gate_writes_nothing(tiny_model, embedded_text, tmp_path):
-    from edgepack.compress.prune import PruneConfig, prune
-
     from edgepack.artifact import open_artifact
+    from edgepack.compress.prune import PruneConfig, prune
     from edgepack.errors import ValidationFailed
 
     cfg = PruneConfig(method="magnitude", sparsity=0.9, calib=str(embedded_text), calib_tokens=512, seq_len=64,

@@ -56,11 +56,11 @@ def test_lr_schedule_and_config_errors():
 
 def test_qlora_on_stories260k_learns_and_merges_exactly(stories, shakespeare_small, tmp_path):
     import torch
-    from edgepack.tune.data import load_or_prepare, tokenize_splits
-    from edgepack.tune.qlora import masked_perplexity
     from safetensors import safe_open
 
     from edgepack.hf import load_model, load_tokenizer
+    from edgepack.tune.data import load_or_prepare, tokenize_splits
+    from edgepack.tune.qlora import masked_perplexity
 
     src = open_artifact(stories)
     art = tune(src, _cfg(shakespeare_small, steps=24, lr=5e-3, eval_every=8, patience=0), None, tmp_path / "out")
@@ -90,6 +90,7 @@ def test_merge_math_dequantized_and_original(tiny, tmp_path):
     """merged W == dequant(NF4 W) + alpha/r * B A (default), or original W + alpha/r * B A; never the 4-bit base."""
     import bitsandbytes.functional as F
     import torch
+
     from edgepack.tune.qlora import _merge, add_lora, load_base
 
     cfg = TuneConfig(data="x", rank=4, alpha=8.0, dropout=0.0)
@@ -148,12 +149,30 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, shakespeare_small, tmp_pa
     assert max(float(b[k].abs().max()) for k in b if "lora_B" in k) > 1e-3  # it did train
 
 
+def test_grad_accum_and_checkpointing_compute_the_same_update(tiny, shakespeare_small, tmp_path):
+    """2 micro-batches of 2 == 1 batch of 4 (the loss is normalised over the whole step); gradient checkpointing
+    recomputes activations without changing the gradients."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = dict(steps=3, eval_every=3, patience=0, dropout=0.0, merge=False, lr=3e-3)
+    runs = {"b4": _cfg(shakespeare_small, **base),
+            "b2x2": _cfg(shakespeare_small, **{**base, "batch_size": 2, "grad_accum": 2}),
+            "ckpt": _cfg(shakespeare_small, **{**base, "gradient_checkpointing": True})}
+    w = {}
+    for name, cfg in runs.items():
+        art = tune(tiny, cfg, None, tmp_path / name)
+        w[name] = load_file(str(art.path / "adapter" / "adapter_model.safetensors"))
+    for other in ("b2x2", "ckpt"):
+        assert all(torch.allclose(w["b4"][k], w[other][k], atol=1e-5) for k in w["b4"]), other
+    assert max(float(v.abs().max()) for k, v in w["b4"].items() if "lora_B" in k) > 1e-3
+
+
 def test_early_stopping_keeps_the_best_adapter(stories, shakespeare_small, tmp_path):
     # lr 1.0 wrecks the pretrained model: validation perplexity rises, training stops, the step-0 adapter comes back
     cfg = _cfg(shakespeare_small, method="lora", steps=12, eval_every=2, patience=2, lr=1.0, warmup_steps=0,
                max_grad_norm=100.0)
     m = tune(open_artifact(stories), cfg, None, tmp_path / "o").history[-1]["metrics"]
-    print(m["curve"])
     assert m["stopped"] == "early_stop" and m["steps"] < 12
     best = min(c["val_ppl"] for c in m["curve"])
     assert m["ppl_adapter"] == pytest.approx(best, rel=1e-3)
@@ -176,6 +195,21 @@ def test_cli_json_and_errors(tiny, shakespeare_small, tmp_path):
     assert res.exit_code == 1 and "already exists and is not empty" in res.output
     res = CliRunner().invoke(cli, args[:6] + [str(tmp_path / "x"), "--dropout", "2"])
     assert res.exit_code == 1 and "dropout must be in [0, 1)" in res.output
+
+
+@pytest.mark.slow
+def test_same_command_runs_data_parallel_under_torchrun(tiny, shakespeare_small, tmp_path):
+    """Two CPU processes (gloo DDP), as `accelerate launch` would start them: each trains on its own shard and the
+    gradients are averaged, so both ranks end with the same adapter; only rank 0 writes and reports."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "edgepack.cli", "tune", "qlora",
+           str(tiny.path), "--data", str(shakespeare_small), "-o", str(tmp_path / "ddp"), "--steps", "4", "--seq-len",
+           "64", "--batch-size", "4", "--eval-every", "2", "--eval-blocks", "4", "--threads", "1", "--json"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [x for x in res.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1  # rank 0 only
+    m = json.loads(lines[0])["metrics"]
+    assert m["processes"] == 2 and m["trained_tokens"] == 2 * 4 * 4 * 64 and m["merge_rel_diff"] < 1e-3
 
 
 def test_cli_module_is_torch_free():

@@ -7,6 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 from conftest import SHARED, STORIES
+
+from edgepack.errors import ConfigError
 from edgepack.tune.data import (
     IGNORE,
     PrepareConfig,
@@ -22,8 +24,6 @@ from edgepack.tune.data import (
     split_records,
     write_prepared,
 )
-
-from edgepack.errors import ConfigError
 
 ALPACA = SHARED / "data" / "alpaca-sample.jsonl"
 LONG = ("the quick brown fox jumps over the lazy dog while the farmer watches from the old red barn near the river "
@@ -152,6 +152,10 @@ def test_txt_paragraphs_have_line_numbers(tmp_path):
     assert [(r.where, r.data["text"]) for r in recs] == [("line 1", "FIRST:\nHello there."),
                                                           ("line 5", "SECOND:\nGood day.\nYes.")]
     assert not bad and counts == {"lines": 7, "blank_lines": 2}
+    from edgepack.tune.data import _join_paragraphs
+
+    joined = _join_paragraphs(recs)  # one document: trained as one stream, as perplexity reads it
+    assert len(joined) == 1 and joined[0].data["text"] == "FIRST:\nHello there.\n\nSECOND:\nGood day.\nYes."
 
 
 def test_instruction_loss_mask_covers_only_the_response(tok):

@@ -1,0 +1,444 @@
+"""Device bundles: what goes to a device, checked against the target before anything is written.
+
+Layout of a bundle (a directory, or the same tree in a .tar):
+
+    bundle.json              manifest: bundle id, target profile, runtime, precision, lineage, files + sha256
+    artifact/                the compiled artifact exactly as the stage wrote it (with its edgepack.json)
+    tokenizer/               only when the artifact has no tokenizer files of its own
+    runtime.json             how to run it: runtime name, context length, serving defaults
+    requirements.txt         what the device needs installed (derived from the runtime, see REQUIREMENTS_EXTRAS)
+    README.md                a short note for whoever logs into the device
+    SHA256SUMS               `sha256sum -c` input for every file above (bundle.json lists the same, and itself not)
+    edgepack-serve.service   a systemd user unit that serves `current` (see README.md inside the bundle)
+
+The bundle id is "<artifact name>-<target>-<12 hex of the content digest>", so building the same bundle twice gives
+the same id, and a push of an unchanged bundle sends nothing. bundle.json is not part of the digest (it holds the
+creation time). Unpacking a .tar refuses absolute paths, `..`, links that leave the bundle and device files.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepack.artifact import Artifact, check_output_dir, hash_files, open_artifact, read_model_config, sha256_file
+from edgepack.errors import ArtifactError, ConfigError, UnsupportedOnTarget
+
+BUNDLE_MANIFEST = "bundle.json"
+BUNDLE_SCHEMA = 1
+SERVICE_NAME = "edgepack-serve.service"
+DEVICE_DIR = "edgepack"  # default install dir on the device, relative to the login user's home
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+# runtime name -> the pyproject extras it needs on the device (core dependencies always come along). Read from the
+# installed edgepack's own metadata, so the versions are the ranges pyproject.toml declares, never a second copy.
+REQUIREMENTS_EXTRAS: dict[str, tuple[str, ...]] = {
+    "torch-cpu": ("serve",),
+    "torch-cuda": ("serve",),
+    "hf": ("serve",),
+    "onnxruntime": ("onnx", "serve"),
+    "onnxruntime-genai": ("genai", "serve"),
+    "torch-quant": ("torchao", "serve"),
+    "tensorrt": ("onnx", "tensorrt", "serve"),
+}
+# edgepack runtime -> the target-profile runtimes (targets/profile.py RUNTIMES) any one of which can run it
+TARGET_RUNTIMES: dict[str, tuple[str, ...]] = {
+    "hf": ("torch-cpu", "torch-cuda"),
+    "torch-quant": ("torch-cpu", "torch-cuda"),
+}
+_TARGET_RUNTIME_NAMES = ("onnxruntime", "torch-cpu", "torch-cuda", "tensorrt")  # targets/profile.py RUNTIMES
+# dtype in a checkpoint's config.json -> the precision name targets use
+_DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    runtime: str | None = None  # None: the artifact's own (manifest extra["runtime"], else DEFAULT_RUNTIME by format)
+    device_dir: str = DEVICE_DIR  # where `edgepack push --dest` puts it; the service unit points there
+    port: int = 8000  # the service unit's port (it binds 127.0.0.1; put a reverse proxy in front to expose it)
+    max_tokens_cap: int = 512  # serve refuses max_tokens above this (tokens)
+    tokenizer: str | None = None  # directory with tokenizer files, when the artifact has none
+
+    def validate(self) -> list[str]:
+        errs = []
+        if not 0 < self.port < 65536:
+            errs.append("port must be in 1..65535")
+        if self.max_tokens_cap < 1:
+            errs.append("max_tokens_cap must be >= 1 (tokens)")
+        if not self.device_dir or self.device_dir.startswith("-"):
+            errs.append("device_dir must be a directory name or path")
+        return errs
+
+
+# ------------------------------------------------------------------------------------------- what the artifact is
+def artifact_runtime(art: Artifact, runtime: str | None = None) -> str:
+    """The runtime that runs `art`: the one asked for, the manifest's extra["runtime"], else the format default."""
+    from edgepack.deploy.runtime import DEFAULT_RUNTIME, RUNTIMES
+
+    name = runtime or art.extra.get("runtime") or DEFAULT_RUNTIME.get(art.format)
+    if name is None:
+        raise ConfigError(f"'{art.path}' is a '{art.format}' artifact and no runtime runs that format",
+                          f"compile it first, or pass --runtime (known: {', '.join(RUNTIMES)})")
+    if name not in TARGET_RUNTIMES and name not in _TARGET_RUNTIME_NAMES and name not in RUNTIMES:
+        raise ConfigError(f"unknown runtime '{name}'", f"known runtimes: {', '.join(RUNTIMES)}")
+    return name
+
+
+def check_runtime_available(runtime: str) -> None:
+    """The runtime must exist in deploy.runtime.RUNTIMES: serve and bench on the device open it from there."""
+    from edgepack.deploy.runtime import RUNTIMES
+
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime '{runtime}' is not available in this edgepack, so a bundle for it could not be "
+                          "served or benchmarked on the device", f"runtimes available: {', '.join(RUNTIMES)}")
+
+
+def artifact_precision(art: Artifact) -> str | None:
+    """Weight precision: the manifest's extra["precision"], else the newest stage whose config names a precision
+    ("precision", or a quantize "method" such as int4-rtn), else the dtype in config.json for a checkpoint."""
+    from edgepack.targets.profile import PRECISIONS
+
+    if art.extra.get("precision"):
+        return str(art.extra["precision"])
+    for rec in reversed(art.history):
+        cfg = rec.get("config") or {}
+        for key in ("precision", "method"):
+            val = str(cfg.get(key) or "").split("-")[0]
+            if val in PRECISIONS:
+                return val
+    if (art.path / "config.json").is_file():
+        cfg = read_model_config(art.path)
+        return _DTYPE_PRECISION.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"))
+    return None
+
+
+def engine_sm(art: Artifact) -> int | None:
+    """The GPU architecture (SM x10) a prebuilt engine was built for, if the artifact is one."""
+    for key in ("engine_sm", "sm"):
+        if art.extra.get(key) is not None:
+            return int(art.extra[key])
+    return None
+
+
+def check_runs_on(art: Artifact, target, runtime: str) -> str | None:
+    """Raise UnsupportedOnTarget unless `art` can run on `target` with `runtime`. Returns the precision."""
+    on_cuda = art.extra.get("device") == "cuda"
+    offered = TARGET_RUNTIMES.get(runtime, (runtime,))
+    if on_cuda:
+        offered = tuple(r for r in offered if r != "torch-cpu")
+    if on_cuda and not target.has_cuda:
+        raise UnsupportedOnTarget(f"'{art.path.name}' was compiled for CUDA, but target '{target.name}' has no CUDA GPU",
+                                  "compile it for this target (edgepack compile --target ...)")
+    if not any(target.supports(runtime=r) for r in offered):
+        raise UnsupportedOnTarget(
+            f"'{art.path.name}' runs on runtime '{runtime}', which target '{target.name}' does not offer "
+            f"(it has: {', '.join(target.runtimes)})",
+            "compile the artifact for one of the target's runtimes (e.g. 'edgepack compile'), or pick another --target")
+    precision = artifact_precision(art)
+    if precision and not target.supports(precision=precision):
+        raise UnsupportedOnTarget(
+            f"'{art.path.name}' holds {precision} weights, which target '{target.name}' does not run "
+            f"(it runs: {', '.join(target.precisions)})", "quantize or cast to a precision the target lists")
+    sm = engine_sm(art)
+    if sm is not None:
+        if target.sm is None or target.sm != sm:
+            raise UnsupportedOnTarget(
+                f"'{art.path.name}' is an engine built for sm_{sm}, but target '{target.name}' is "
+                + (f"sm_{target.sm}" if target.sm else "not a CUDA device"),
+                "engines only run on the GPU architecture that built them: bundle the ONNX model and build the "
+                "engine for this target (on the device when the target says engine_build = device)")
+        if target.engine_build == "device":
+            raise UnsupportedOnTarget(
+                f"target '{target.name}' builds engines on the device, but '{art.path.name}' is a prebuilt engine",
+                "bundle the ONNX model instead; 'edgepack remote prepare' builds the engine on the device")
+    return precision
+
+
+def device_requirements(runtime: str) -> list[str]:
+    """pip requirement lines the device needs for `runtime`: edgepack's core dependencies plus the runtime's extras,
+    exactly as the installed edgepack declares them."""
+    from importlib import metadata
+
+    if runtime not in REQUIREMENTS_EXTRAS:
+        raise ConfigError(f"no device requirements are known for runtime '{runtime}'",
+                          "add it to REQUIREMENTS_EXTRAS in deploy/bundle.py")
+    extras = set(REQUIREMENTS_EXTRAS[runtime])
+    out = []
+    for line in metadata.requires("edgepack") or []:
+        spec, _, marker = line.partition(";")
+        m = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+        if m is None or m.group(1) in extras:
+            out.append(spec.strip())
+    return sorted(set(out), key=str.lower)
+
+
+def _context_length(art: Artifact) -> int | None:
+    if art.extra.get("context"):
+        return int(art.extra["context"])
+    if (art.path / "config.json").is_file():
+        cfg = read_model_config(art.path)
+        return cfg.get("max_position_embeddings")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def make_bundle(artifact, target, out, cfg: BundleConfig = BundleConfig(), *, force: bool = False) -> Path:
+    """Write a bundle of `artifact` for `target` to `out` (a directory, or a file ending in .tar / .tar.gz).
+    Every check runs before anything is written."""
+    from edgepack import __version__ as edgepack_version
+
+    errs = cfg.validate()
+    if errs:
+        raise ConfigError("bundle settings: " + "; ".join(errs), "fix the values named")
+    art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
+    art.verify()
+    runtime = artifact_runtime(art, cfg.runtime)
+    precision = check_runs_on(art, target, runtime)
+    check_runtime_available(runtime)
+    tok_src = None
+    if not any((art.path / m).is_file() for m in TOKENIZER_MARKERS):
+        if not cfg.tokenizer:
+            raise ArtifactError(f"'{art.path}' has no tokenizer files ({', '.join(TOKENIZER_MARKERS)})",
+                                "pass --tokenizer DIR (the checkpoint the artifact came from)")
+        tok_src = Path(cfg.tokenizer)
+        if not any((tok_src / m).is_file() for m in TOKENIZER_MARKERS):
+            raise ArtifactError(f"--tokenizer '{tok_src}' holds no tokenizer files", "point at a model directory")
+    out = Path(out)
+    as_tar = out.name.endswith((".tar", ".tar.gz", ".tgz"))
+    if as_tar and out.exists() and not force:
+        raise ArtifactError(f"output '{out}' already exists", "choose another -o, or pass --force to replace it")
+    if not as_tar:
+        check_output_dir(out, force)
+    requirements = device_requirements(runtime)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        root = work / "bundle"
+        _copy_tree(art.path, root / "artifact")
+        if tok_src is not None:
+            from edgepack.hf import copy_tokenizer
+
+            (root / "tokenizer").mkdir()
+            copy_tokenizer(tok_src, root / "tokenizer")
+        name = _slug(art.path.name)
+        runtime_cfg = {"runtime": runtime, "precision": precision, "format": art.format, "context": _context_length(art),
+                       "max_tokens_cap": cfg.max_tokens_cap, "port": cfg.port,
+                       "tokenizer": "tokenizer" if tok_src is not None else "artifact",
+                       "engine_build": target.engine_build}
+        (root / "runtime.json").write_text(json.dumps(runtime_cfg, indent=2) + "\n")
+        (root / "requirements.txt").write_text(
+            f"# what a device needs for runtime '{runtime}' (edgepack {edgepack_version}'s own dependency ranges).\n"
+            "# edgepack itself is not on this list: install the same edgepack version from your wheel.\n"
+            + "".join(r + "\n" for r in requirements))
+        (root / SERVICE_NAME).write_text(_service_unit(cfg))
+        bundle_id = f"{name}-{_slug(target.name)}-{_digest(hash_files(root))[:12]}"
+        (root / "README.md").write_text(_device_readme(bundle_id, art, target, runtime, precision, cfg))
+        # for `sha256sum -c SHA256SUMS` on a device that has no edgepack (yet)
+        (root / "SHA256SUMS").write_text("".join(f"{m['sha256']}  {n}\n" for n, m in sorted(hash_files(root).items())))
+        files = hash_files(root)
+        manifest = {
+            "schema_version": BUNDLE_SCHEMA, "bundle_id": bundle_id,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "edgepack_version": edgepack_version, "runtime": runtime, "precision": precision,
+            "target": target.to_dict(),
+            "artifact": {"name": art.path.name, "format": art.format, "digest": art.digest(),
+                         "base_model": art.base_model, "lineage": art.history, "extra": art.extra},
+            "requirements": requirements, "device_dir": cfg.device_dir, "files": files,
+        }
+        (root / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if as_tar:
+            tmp_tar = work / out.name
+            _write_tar(root, tmp_tar)
+            os.replace(tmp_tar, out)
+        else:
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(root, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Every regular file under src (hidden ones excluded), hard-linked where possible: bundles never write into
+    a file they share with the artifact."""
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file() or p.is_symlink():
+            continue
+        d = dst / rel
+        d.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(p, d)
+        except OSError:
+            shutil.copy2(p, d)
+
+
+def _write_tar(root: Path, out: Path) -> None:
+    """A reproducible tar: sorted names, fixed owner and mtime, regular files and directories only."""
+    def clean(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        ti.mtime = 0
+        ti.mode = 0o755 if ti.isdir() else 0o644
+        return ti
+
+    with tarfile.open(out, "w:gz" if out.name.endswith(("gz", "tgz")) else "w") as tf:
+        for p in sorted(root.rglob("*")):
+            tf.add(p, arcname=p.relative_to(root).as_posix(), recursive=False, filter=clean)
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-.") or "model"
+
+
+def _digest(files: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{files[name]['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def _service_unit(cfg: BundleConfig) -> str:
+    # A user unit: no root needed on the device, %h is the login user's home. `current` always points at the
+    # active release, so rollback + restart switches the served model.
+    base = cfg.device_dir if cfg.device_dir.startswith("/") else f"%h/{cfg.device_dir}"
+    return f"""[Unit]
+Description=edgepack OpenAI-compatible server for the active bundle ({base}/current)
+After=network-online.target
+
+[Service]
+Type=simple
+WorkingDirectory={base}/current
+# EDGEPACK_API_KEY=... in this file turns on the API key check (keep the key out of the command line)
+EnvironmentFile=-{base}/serve.env
+ExecStart={base}/venv/bin/edgepack serve {base}/current --host 127.0.0.1 --port {cfg.port}
+Restart=on-failure
+RestartSec=5
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def _device_readme(bundle_id, art, target, runtime, precision, cfg) -> str:
+    base = cfg.device_dir if cfg.device_dir.startswith("/") else f"~/{cfg.device_dir}"
+    steps = [f"- {r.get('stage')}: {', '.join(f'{k}={v}' for k, v in list((r.get('metrics') or {}).items())[:4])}"
+             for r in art.history] or ["- (a plain checkpoint: no stages applied)"]
+    return f"""# edgepack bundle {bundle_id}
+
+Model `{art.path.name}` ({art.format}, {precision or 'unknown precision'}) from `{art.base_model}`, made for
+target **{target.name}** ({target.description}) to run with runtime `{runtime}`.
+
+Lineage:
+{chr(10).join(steps)}
+
+## On the device
+
+    {base}/current -> releases/<bundle id>      (switched atomically by `edgepack push`, `edgepack rollback`)
+    pip install -r {base}/current/requirements.txt   (or, from the host: edgepack remote prepare HOST)
+    edgepack serve {base}/current                     (OpenAI-compatible API on 127.0.0.1:{cfg.port})
+
+Service: `mkdir -p ~/.config/systemd/user && cp {base}/current/{SERVICE_NAME} ~/.config/systemd/user/`, then
+`systemctl --user daemon-reload && systemctl --user enable --now {SERVICE_NAME}` (and `loginctl enable-linger`
+so it starts at boot). Check the files: `cd {base}/current && sha256sum -c --quiet SHA256SUMS`, or from the host
+`edgepack remote status HOST --verify`.
+"""
+
+
+# --------------------------------------------------------------------------------------------------- reading
+def read_bundle_manifest(root: Path) -> dict:
+    p = Path(root) / BUNDLE_MANIFEST
+    if not p.is_file():
+        raise ArtifactError(f"'{root}' is not a bundle: it has no {BUNDLE_MANIFEST}",
+                            "make one with 'edgepack bundle ARTIFACT --target T -o OUT'")
+    try:
+        m = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{p} is not valid JSON ({exc})", "the bundle is damaged; rebuild it") from None
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or "bundle_id" not in m:
+        raise ArtifactError(f"{p} has no bundle_id or files table", "the bundle is damaged; rebuild it")
+    if m.get("schema_version", 0) > BUNDLE_SCHEMA:
+        raise ArtifactError(f"{p} has schema {m['schema_version']}, newer than this edgepack knows", "upgrade edgepack")
+    for name in m["files"]:
+        _check_member_name(name)
+    return m
+
+
+def verify_bundle(root: Path) -> dict:
+    """Check every file of a bundle directory against bundle.json; returns the manifest."""
+    root = Path(root)
+    m = read_bundle_manifest(root)
+    bad = [n for n, meta in m["files"].items()
+           if not (root / n).is_file() or (root / n).stat().st_size != meta["bytes"]
+           or sha256_file(root / n) != meta["sha256"]]
+    if bad:
+        raise ArtifactError(f"bundle '{root}': {len(bad)} file(s) missing or not matching bundle.json: "
+                            + ", ".join(sorted(bad)[:5]), "rebuild the bundle or copy it again")
+    return m
+
+
+def _check_member_name(name: str) -> None:
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts or "\0" in name:
+        raise ArtifactError(f"unsafe path '{name}' in bundle (absolute or leaving the bundle)",
+                            "refusing to unpack it; the bundle was not made by edgepack or was tampered with")
+
+
+def unpack_bundle(tar_path, dest) -> Path:
+    """Unpack a bundle .tar into `dest` (created, must be empty) after checking every member; verifies checksums.
+
+    Refused: absolute names, `..`, links (symbolic or hard) whose target leaves the bundle, device files, FIFOs."""
+    tar_path, dest = Path(tar_path), Path(dest)
+    check_output_dir(dest, False)
+    try:
+        tf = tarfile.open(tar_path)
+    except (tarfile.TarError, OSError) as exc:
+        raise ArtifactError(f"'{tar_path}' is not a readable tar ({exc})", "copy the bundle again") from None
+    with tf:
+        members = tf.getmembers()
+        root = dest.resolve()
+        for m in members:
+            _check_member_name(m.name)
+            if m.isdev() or m.isfifo():
+                raise ArtifactError(f"bundle member '{m.name}' is a device file or FIFO",
+                                    "refusing to unpack it; bundles hold only regular files")
+            if m.issym() or m.islnk():
+                base = (root / m.name).parent if m.issym() else root
+                target = os.path.normpath(os.path.join(base, m.linkname))
+                if m.linkname.startswith("/") or not (target == str(root) or target.startswith(str(root) + os.sep)):
+                    raise ArtifactError(f"bundle member '{m.name}' links outside the bundle ({m.linkname})",
+                                        "refusing to unpack it; the bundle was tampered with")
+            elif not (m.isfile() or m.isdir()):
+                raise ArtifactError(f"bundle member '{m.name}' is not a regular file", "refusing to unpack it")
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            tf.extractall(dest, members=members, filter="data")  # the stdlib's own checks, on top of ours
+            verify_bundle(dest)
+        except (ArtifactError, tarfile.TarError, OSError) as exc:
+            shutil.rmtree(dest, ignore_errors=True)  # nothing half-trusted stays behind
+            if isinstance(exc, ArtifactError):
+                raise
+            raise ArtifactError(f"cannot unpack '{tar_path}': {exc}", "copy the bundle again") from None
+    return dest
+
+
+def open_bundle(path, workdir=None) -> Path:
+    """A verified bundle directory from a bundle directory or .tar (unpacked under `workdir` or a temp dir)."""
+    path = Path(path)
+    if path.is_dir():
+        verify_bundle(path)
+        return path
+    if not path.is_file():
+        raise ArtifactError(f"bundle '{path}' does not exist", "check the path")
+    dest = Path(workdir or tempfile.mkdtemp(prefix="edgepack-bundle-")) / "bundle"
+    return unpack_bundle(path, dest)

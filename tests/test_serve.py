@@ -1,0 +1,259 @@
+"""`edgepack serve` with the real stories260K bundle: the official openai client (completions, chat, streaming),
+32 concurrent clients (every request answered or deliberately refused with 429), malformed requests (clear 4xx,
+server stays up), API key, metrics. Servers bind 127.0.0.1 on a free port and stop at teardown."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+
+import pytest
+from conftest import STORIES
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'edgepack[serve]'")
+pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'edgepack[serve]'")
+httpx = pytest.importorskip("httpx", reason="needs httpx (serve extra)")
+openai = pytest.importorskip("openai", reason="needs the openai client (dev extra)")
+
+from edgepack.deploy.generation import GenerationConfig, generate  # noqa: E402
+from edgepack.deploy.serve import BackgroundServer, ServeConfig, load_served  # noqa: E402
+
+PROMPTS = ["Once upon a time", "The cat sat", "Lily was happy because", "One day, a big dog"]
+KEY = "test-key-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    if not (STORIES / "model.safetensors").is_file():
+        pytest.skip(f"stories260K not found at {STORIES}")
+    from edgepack.deploy.bundle import BundleConfig, make_bundle
+    from edgepack.targets import load_target
+
+    return make_bundle(STORIES, load_target("cpu-x86-64"), tmp_path_factory.mktemp("serve") / "b.tar",
+                       BundleConfig(max_tokens_cap=64))
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    """Two slots, a queue deep enough for 32 clients; yields (url, served, expected greedy texts)."""
+    cfg = ServeConfig(port=_free_port(), max_concurrency=2, queue=30, threads=1)
+    served = load_served(bundle, cfg, tmp_path_factory.mktemp("unpacked"))
+    # reference answers straight from the runtime, before any HTTP is involved
+    expected = {p: served.tokenizer.decode(_greedy(served, p), skip_special_tokens=True) for p in PROMPTS}
+    with BackgroundServer(served, cfg) as url:
+        yield url, served, expected
+
+
+def _greedy(served, prompt) -> list[int]:
+    rt = served.pool.get()
+    try:
+        res = generate(rt, served.tokenizer(prompt)["input_ids"], GenerationConfig(max_new_tokens=6, stop_token_ids=served.eos))
+    finally:
+        served.pool.put(rt)
+    return [t for t in res.tokens[0].tolist() if t not in served.eos]
+
+
+def _client(url, **kw):
+    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "unused"), **kw)
+
+
+def test_openai_client_completions_chat_and_streaming(server):
+    url, served, expected = server
+    client = _client(url)
+    assert [m.id for m in client.models.list().data] == [served.model_id]
+    c = client.completions.create(model=served.model_id, prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert c.choices[0].text == expected[PROMPTS[0]] and len(c.choices[0].text) > 5
+    assert c.usage.completion_tokens == 6 and c.usage.prompt_tokens == len(served.tokenizer(PROMPTS[0])["input_ids"])
+    streamed = client.completions.create(model=served.model_id, prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                                         stream=True)
+    pieces = [ch.choices[0].text for ch in streamed]
+    assert "".join(pieces) == expected[PROMPTS[0]] and len([p for p in pieces if p]) >= 3
+
+    msgs = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Tell me about a cat."}]
+    chat = client.chat.completions.create(model=served.model_id, messages=msgs, max_tokens=6, temperature=0)
+    text = chat.choices[0].message.content
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason == "length" and text
+    stream = client.chat.completions.create(model=served.model_id, messages=msgs, max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-2].choices[0].finish_reason == "length"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6 == chat.usage.completion_tokens
+
+    # a stop string ends the completion early, with finish_reason "stop" and the stop text left out
+    word = expected[PROMPTS[0]].split()[2]
+    stopped = client.completions.create(model=served.model_id, prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                                        stop=[" " + word])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == expected[PROMPTS[0]].split(" " + word)[0]
+
+
+def _metric(url, name, headers=None) -> float:
+    text = httpx.get(url + "/metrics", headers=headers).text
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1))
+
+
+def test_32_concurrent_clients_all_answered_correctly(server):
+    url, served, expected = server
+    before = _metric(url, "edgepack_completion_tokens_total")
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        jobs = [client.completions.create(model=served.model_id, prompt=PROMPTS[i % 4], max_tokens=6, temperature=0)
+                for i in range(32)]
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    results = asyncio.run(main())
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors[:3]
+    for i, r in enumerate(results):  # every answer is the greedy text for its own prompt (no cross-talk)
+        assert r.choices[0].text == expected[PROMPTS[i % 4]]
+    assert _metric(url, "edgepack_completion_tokens_total") - before == sum(r.usage.completion_tokens for r in results)
+    assert _metric(url, "edgepack_requests_running") == 0 and _metric(url, "edgepack_requests_queued") == 0
+    assert _metric(url, "edgepack_requests_queued_peak") >= 10  # 32 at once on 2 slots: most of them queued
+
+
+def test_full_queue_answers_429_and_nothing_is_lost(bundle, tmp_path):
+    cfg = ServeConfig(port=_free_port(), max_concurrency=1, queue=2, threads=1, api_key=KEY)
+    served = load_served(bundle, cfg, tmp_path)
+    expected = {p: served.tokenizer.decode(_greedy(served, p), skip_special_tokens=True) for p in PROMPTS}
+    with BackgroundServer(served, cfg) as url:
+        async def main():
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+            jobs = [client.completions.create(model=served.model_id, prompt=PROMPTS[i % 4], max_tokens=6,
+                                              temperature=0) for i in range(32)]
+            return await asyncio.gather(*jobs, return_exceptions=True)
+
+        results = asyncio.run(main())
+        ok = [r for r in results if not isinstance(r, Exception)]
+        refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+        assert len(ok) + len(refused) == 32  # every request: an answer or a deliberate 429, nothing else
+        assert len(ok) >= 3 and len(refused) >= 1  # 1 running + 2 queued are always admitted
+        assert all(r.choices[0].text == expected[PROMPTS[i % 4]] for i, r in enumerate(results) if r in ok)
+        assert all(r.response.headers.get("retry-after") == "1" for r in refused)
+        assert "queue_full" in str(refused[0].body)
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert _metric(url, 'edgepack_rejected_total{reason="queue_full"}', auth) == len(refused)
+        # the API key guards /v1 and /metrics, not /health
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong-key-xxxx"}).status_code == 401
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+        with pytest.raises(openai.AuthenticationError):
+            _client(url, api_key="wrong-key-xxxx", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    (b"{not json", 400, "JSON object"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"max_tokens": 4}, 400, "prompt: Field required"),
+    ({"prompt": "hi", "max_tokens": 65}, 400, "above this server's cap of 64"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be >= 1"),
+    ({"prompt": list(range(3, 503)), "max_tokens": 20}, 400, "maximum context length is 512 tokens"),
+    ({"prompt": [0, 99999], "max_tokens": 4}, 400, "token ids"),
+    ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "n": 3}, 400, "n must be 1"),
+    ({"prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+])
+def test_malformed_completion_requests_get_clear_4xx(server, body, status, needle):
+    url, served, expected = server
+    kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(url + "/v1/completions", timeout=60, **kw)
+    assert r.status_code == status and needle in r.json()["error"]["message"], r.text
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_malformed_chat_requests_and_server_stays_up(server):
+    url, served, expected = server
+    for body, needle in [({"messages": []}, "messages"), ({"messages": [{"content": "hi"}]}, "role"),
+                         ({"messages": [{"role": "wizard", "content": "hi"}]}, "not a chat role"),
+                         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text")]:
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    assert httpx.get(url + "/v1/nothing-here").status_code == 404
+    r = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[PROMPTS[1]]
+    assert _metric(url, 'edgepack_http_requests_total{endpoint="/v1/chat/completions",status="400"}') >= 4
+
+
+def test_client_leaving_a_stream_stops_its_generation(server):
+    url, served, expected = server
+    before = _metric(url, "edgepack_cancelled_total")
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={"prompt": PROMPTS[2], "max_tokens": 60, "temperature": 0, "stream": True}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]  # a few events, then hang up
+    assert got[0].startswith("data: {")
+    deadline = time.time() + 30
+    while _metric(url, "edgepack_cancelled_total") == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert _metric(url, "edgepack_cancelled_total") == before + 1  # the slot was freed, not run to 60 tokens
+    assert _metric(url, "edgepack_requests_running") == 0
+
+
+def test_an_artifact_directory_serves_too():
+    if not (STORIES / "model.safetensors").is_file():
+        pytest.skip(f"stories260K not found at {STORIES}")
+    from edgepack.deploy.serve_api import create_app
+
+    cfg = ServeConfig(max_tokens_cap=32)
+    served = load_served(STORIES, cfg)
+    assert (served.model_id, served.context, served.cap, served.runtime) == ("stories260K", 512, 32, "torch-cpu")
+
+    async def main():
+        transport = httpx.ASGITransport(app=create_app(served, cfg))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            models = (await c.get("/v1/models")).json()
+            r = await c.post("/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 6, "temperature": 0})
+            return models, r.json()
+
+    models, out = asyncio.run(main())
+    assert models["data"][0]["id"] == "stories260K"
+    assert out["choices"][0]["text"] == served.tokenizer.decode(_greedy(served, PROMPTS[3]), skip_special_tokens=True)
+
+
+def test_a_runtime_failure_is_an_openai_500_and_the_slot_comes_back():
+    if not (STORIES / "model.safetensors").is_file():
+        pytest.skip(f"stories260K not found at {STORIES}")
+    from edgepack.deploy.serve_api import create_app
+
+    cfg = ServeConfig()
+    served = load_served(STORIES, cfg)
+    real = served.pool.get()
+
+    class FailsOnce:  # the real runtime, whose first decode step fails the way a lost device would
+        failed = False
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def decode_step(self, ids):
+            if not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise RuntimeError("device lost")
+            return real.decode_step(ids)
+
+    served.pool.put(FailsOnce())
+    body = {"prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
+
+    async def main():
+        transport = httpx.ASGITransport(app=create_app(served, cfg), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return (await c.post("/v1/completions", json=body)), (await c.post("/v1/completions", json=body))
+
+    bad, good = asyncio.run(main())
+    assert bad.status_code == 500 and bad.json()["error"]["message"] == "generation failed: RuntimeError: device lost"
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 6
+    assert good.json()["choices"][0]["text"] == served.tokenizer.decode(_greedy(served, PROMPTS[0]),
+                                                                        skip_special_tokens=True)

@@ -1,0 +1,339 @@
+"""Stage `tune`: QLoRA (a bitsandbytes NF4 base with double quantization + LoRA adapters) or plain LoRA.
+
+The output is a full-precision Hugging Face artifact ready for distill / prune / quantize: the adapter is merged into
+a float32 copy of the base, never into the 4-bit base (merging into Linear4bit re-quantizes W + BA and loses the
+update). `merge_into` picks that copy: "dequantized" (default) is the NF4 base dequantized to float32, i.e. exactly
+the weights the adapter was trained against, so the merged model computes what the trained model computed;
+"original" uses the base's own full-precision weights (the quantization error of the base is then not baked in, but
+the merged model differs from the trained one by it). The adapter itself is kept in `adapter/` (peft format), the
+TensorBoard logs in `logs/`. With merge=False the artifact is the adapter alone (format "lora-adapter").
+
+Training runs through `accelerate`, so the same code runs single-process (tested) or under `accelerate launch` (DDP;
+FSDP with bnb_4bit_quant_storage equal to the compute dtype, which this sets). Only the main process writes.
+Checkpoints (adapter, optimizer, scheduler position, RNG, early-stopping state) go to `<out>.checkpoints/`, are
+guarded by a fingerprint of (base, data, config), and are resumed from with `resume`; they are removed on success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, stage_record
+from edgepack.errors import ConfigError, ValidationFailed, require
+from edgepack.tune.data import PrepareConfig
+
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    data: str = field(default="", metadata={"path": True})  # data file (.jsonl/.json/.txt) or a `tune prepare` folder
+    method: Literal["qlora", "lora"] = "qlora"  # qlora: NF4 4-bit base; lora: base in the compute dtype
+    rank: int = 16  # LoRA rank r
+    alpha: float = 32.0  # LoRA scaling numerator (update is alpha / r * B A)
+    dropout: float = 0.05  # dropout on the LoRA input path
+    target_modules: tuple[str, ...] = ("all-linear",)  # module names, or "all-linear" (every linear but lm_head)
+    seq_len: int = 256  # tokens per packed sequence
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    steps: int = 400  # optimizer steps (the most; early stopping may end sooner)
+    lr: float = 2e-4  # peak learning rate (AdamW); the QLoRA paper's 7B-13B value. stories260K wants ~3e-3
+    warmup_steps: int = 20  # linear warm-up steps, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping (L2 norm over the trainable parameters)
+    eval_every: int = 50  # optimizer steps between validation perplexity measurements
+    eval_blocks: int | None = 64  # validation sequences per measurement (None: all)
+    patience: int = 3  # measurements without improvement before stopping early (0: never)
+    save_every: int = 100  # optimizer steps between checkpoints
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    double_quant: bool = True  # quantize the NF4 scales too (QLoRA double quantization)
+    compute_dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPUs that have it (else float32)
+    merge: bool = True  # write a merged full-precision model (else the adapter alone)
+    merge_into: Literal["dequantized", "original"] = "dequantized"  # which full-precision base (see module doc)
+    seed: int = 0  # LoRA init, dropout and data order
+    data_seed: int = 0  # train/validation/test split of a raw data file
+    max_minutes: float | None = None  # stop training after this much wall time (the best adapter so far is kept)
+    threads: int | None = None  # CPU intra-op threads (None: torch's default). On a shared, oversubscribed CPU
+    # 1 thread avoids OpenMP spin-waiting: a 2048x64x172 matmul took 53 ms with 2 threads vs 3 ms with 1 here.
+
+    def validate(self) -> list[str]:
+        errs = [] if self.data else ["'data' is required (a data file or a 'tune prepare' folder)"]
+        for name in ("rank", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                errs.append(f"{name} must be >= 1")
+        if not 0 <= self.dropout < 1:
+            errs.append("dropout must be in [0, 1)")
+        if self.lr <= 0 or self.alpha <= 0 or self.max_grad_norm <= 0:
+            errs.append("lr, alpha and max_grad_norm must be > 0")
+        if self.threads is not None and self.threads < 1:
+            errs.append("threads must be >= 1 (or None for torch's default)")
+        if self.warmup_steps < 0 or self.patience < 0 or not 0 <= self.min_lr_ratio <= 1:
+            errs.append("warmup_steps and patience must be >= 0, min_lr_ratio in [0, 1]")
+        if self.compute_dtype not in DTYPE_NAMES:
+            errs.append(f"compute_dtype must be one of {', '.join(DTYPE_NAMES)}")
+        if not self.target_modules:
+            errs.append("target_modules must name at least one module (or 'all-linear')")
+        return errs
+
+    def peft_targets(self):
+        return "all-linear" if tuple(self.target_modules) == ("all-linear",) else list(self.target_modules)
+
+
+def lr_at(step: int, cfg: TuneConfig) -> float:
+    """Learning-rate multiplier for optimizer step `step` (0-based): linear warm-up, then cosine to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def resolve_compute_dtype(cfg: TuneConfig, device: str):
+    import torch
+
+    if cfg.compute_dtype != "auto":
+        return getattr(torch, cfg.compute_dtype)
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32  # CPU: bf16 matmuls are ~40x slower than fp32 on a CPU without AMX / AVX512-BF16
+
+
+# ------------------------------------------------------------------------------------------------ model loading
+def load_base(path: Path, cfg: TuneConfig, device: str, dtype, fsdp: bool = False):
+    """The base model for training: NF4-quantized (qlora) or in `dtype` (lora). Verifies that 4-bit really happened."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw = {}
+    if cfg.method == "qlora":
+        bnb = require("bitsandbytes", "tune", "QLoRA's 4-bit NF4 base")
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype if fsdp else torch.uint8)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}, trust_remote_code=False,
+                                                 local_files_only=True, use_safetensors=any(Path(path).glob("*.safetensors")),
+                                                 **kw)
+    if cfg.method == "qlora":
+        n4 = 0
+        for mod in model.modules():
+            if isinstance(mod, bnb.nn.Linear4bit):
+                if not isinstance(mod.weight, bnb.nn.Params4bit) or mod.weight.quant_state is None:
+                    raise ValidationFailed(f"bitsandbytes left {type(mod.weight).__name__} unquantized",
+                                           "upgrade bitsandbytes (>= 0.45 quantizes on CPU) or use --method lora")
+                # bitsandbytes repacks 4-bit weights for an AVX512-BF16 CPU kernel in eval mode; that path needs
+                # out_features % 32 == 0 (stories260K's MLP is 172 wide) and computes in bf16, unlike training.
+                mod.support_avx512bf16_for_cpu = False
+                n4 += 1
+        if n4 == 0:
+            raise ValidationFailed("bitsandbytes quantized no linear layer to 4 bits (it fell back silently)",
+                                   "upgrade bitsandbytes (>= 0.45 quantizes on CPU) or use --method lora")
+        model.edgepack_4bit_layers = n4
+    return model
+
+
+def add_lora(model, cfg: TuneConfig):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:  # transformers 5 renamed it; keep working with both names
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.peft_targets(),
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def dequantized_state(model) -> dict:
+    """{parameter name: float32 weight} of every Linear4bit in a (peft-wrapped) model, dequantized from NF4."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            w = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float()
+            key = name.replace("base_model.model.", "", 1).replace(".base_layer", "") + ".weight"
+            out[key] = w.cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+def masked_perplexity(model, ids, labels, batch_size: int, limit: int | None = None) -> float:
+    """exp(mean NLL) over label != -100 tokens of packed blocks [N, T] (each label predicted from the tokens before)."""
+    import torch
+
+    n = ids.shape[0] if limit is None else min(limit, ids.shape[0])
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            x, y = ids[i:min(i + batch_size, n)].to(device), labels[i:min(i + batch_size, n)].to(device)
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+            tgt = y[:, 1:]
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                           ignore_index=-100, reduction="sum"))
+            count += int((tgt != -100).sum())
+    model.train(was_training)
+    if count == 0:
+        raise ConfigError("the validation split has no tokens that carry loss", "use more data or a smaller seq_len")
+    return math.exp(nll / count)
+
+
+# ----------------------------------------------------------------------------------------------------------- stage
+PPL_PROTOCOL = "edgepack-masked-v1: exp(mean NLL over loss-carrying tokens of the first eval_blocks packed seq_len blocks)"
+
+
+def _merge(src: Artifact, model, adapter_dir: Path, cfg: TuneConfig):
+    """The adapter merged into a float32 copy of the base (never into the 4-bit base); see the module docstring."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, device_map={"": "cpu"},
+                                                trust_remote_code=False, local_files_only=True)
+    if cfg.method == "qlora" and cfg.merge_into == "dequantized":
+        deq = dequantized_state(model)
+        own = base.state_dict()
+        missing = [k for k in deq if k not in own]
+        if missing:
+            raise ValidationFailed(f"cannot map 4-bit layer {missing[0]} onto the full-precision base",
+                                   "use merge_into = 'original'")
+        with torch.no_grad():
+            for k, w in deq.items():
+                own[k].copy_(w.reshape(own[k].shape))
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return merged.eval()
+
+
+def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = False, resume: bool | None = None,
+         on_step=None) -> Artifact:
+    """Fine-tune `src` on cfg.data. resume: True continues from checkpoints (error if none), False refuses to
+    overwrite existing ones unless force, None (recipes) continues when a checkpoint of the same run exists."""
+    import resource
+
+    import torch
+
+    require("peft", "tune", "LoRA adapters")
+    accelerate = require("accelerate", "tune", "the training loop (single process or accelerate launch)")
+    from edgepack.hf import load_model, load_tokenizer, save_model
+    from edgepack.tune.checkpoint import checkpoint_dir, fingerprint, read_state
+    from edgepack.tune.data import load_or_prepare, tokenize_splits
+    from edgepack.tune.trainer import train
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_output_dir(out, force)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if src.format != "hf":
+        raise ConfigError(f"'{src.path}' is a '{src.format}' artifact; tune needs a Hugging Face checkpoint",
+                          "tune before export / compile, at the start of the chain")
+    prep = load_or_prepare(cfg.data, PrepareConfig(seed=cfg.data_seed))
+    data_digest = hashlib.sha256(json.dumps({k: [r.data for r in v] for k, v in prep.splits.items()},
+                                            sort_keys=True).encode()).hexdigest()
+    ckdir, fp = checkpoint_dir(out), fingerprint(src.digest(), data_digest, cfg)
+    state = read_state(ckdir)
+    if state is not None and (state.get("fingerprint") != fp or resume is False):
+        if not force:
+            why = "were made with a different base, data or config" if state.get("fingerprint") != fp else "exist"
+            raise ConfigError(f"checkpoints in '{ckdir}' {why} (step {state['step']})",
+                              "pass --resume to continue them, or --force to start over")
+        shutil.rmtree(ckdir, ignore_errors=True)
+        state = None
+    if resume and state is None:
+        raise ConfigError(f"nothing to resume: no checkpoint in '{ckdir}'", "run without --resume")
+
+    accelerator = accelerate.Accelerator(cpu=not torch.cuda.is_available())
+    device = str(accelerator.device)
+    dtype = resolve_compute_dtype(cfg, device)
+    fsdp = accelerator.distributed_type.name == "FSDP"
+    tok = load_tokenizer(src.path)
+    blocks, token_stats = tokenize_splits(prep, tok, cfg.seq_len)
+    if blocks["validation"][0].shape[0] == 0:
+        raise ConfigError("the validation split is empty", "use more data (the split is 8:1:1)")
+
+    def val_test(model) -> tuple[float, float]:
+        return (masked_perplexity(model, *blocks["validation"], cfg.batch_size, cfg.eval_blocks),
+                masked_perplexity(model, *blocks["test"], cfg.batch_size, cfg.eval_blocks)
+                if blocks["test"][0].shape[0] else float("nan"))
+
+    base = load_model(src, device=device)  # the full-precision reference (stored 16-bit dtype on a GPU)
+    before_val, before_test = val_test(base)
+    del base
+    torch.manual_seed(cfg.seed)
+    model = add_lora(load_base(src.path, cfg, device, dtype, fsdp), cfg)
+    n4 = getattr(model.get_base_model(), "edgepack_4bit_layers", 0)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    ckdir.mkdir(parents=True, exist_ok=True)
+    res = train(model, blocks, cfg, ckdir, fp, accelerator, resume=state is not None, on_step=on_step,
+                log_dir=ckdir / "tensorboard")
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: process high-water mark (bytes)
+    model = accelerator.unwrap_model(model)
+    adapter_val, adapter_test = val_test(model)
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        from edgepack.artifact import open_artifact
+
+        return open_artifact(out)
+    metrics = {
+        "method": cfg.method, "device": device, "compute_dtype": str(dtype).removeprefix("torch."),
+        "layers_4bit": n4, "trainable_params": trainable, "steps": res.steps, "stopped": res.stopped,
+        "best_step": res.best_step, "resumed_from": res.resumed_from, "train_seconds": round(res.train_seconds, 2),
+        "train_cpu_seconds": round(res.train_cpu_seconds, 2),
+        "trained_tokens": res.trained_tokens, "tokens_per_s": round(res.trained_tokens / max(res.train_seconds, 1e-9), 1),
+        "peak_memory_bytes": peak, "processes": accelerator.num_processes,
+        "peak_memory_kind": "cuda max_memory_allocated during training" if torch.cuda.is_available()
+        else "process peak RSS (ru_maxrss: lifetime high-water mark, includes the fp32 reference model)",
+        "ppl_protocol": PPL_PROTOCOL, "eval_blocks": cfg.eval_blocks, "seq_len": cfg.seq_len,
+        "ppl_before": round(before_val, 4), "ppl_start": round(res.start_val_ppl, 4), "ppl_adapter": round(adapter_val, 4),
+        "test_ppl_before": round(before_test, 4), "test_ppl_adapter": round(adapter_test, 4),
+        "curve": res.curve, "data": {"splits": {k: len(v) for k, v in prep.splits.items()}, "tokens": token_stats,
+                                      "dropped": prep.report.get("dropped_counts")},
+    }
+    with ArtifactWriter(out, force=force) as w:
+        adapter_dir = w.path / "adapter"
+        model.save_pretrained(adapter_dir, safe_serialization=True)
+        (w.path / "data_report.json").write_text(json.dumps(prep.report, indent=1, ensure_ascii=False) + "\n")
+        if (ckdir / "tensorboard").is_dir():
+            shutil.copytree(ckdir / "tensorboard", w.path / "logs")
+        if cfg.merge:
+            merged = _merge(src, model, adapter_dir, cfg)
+            del model
+            merged_val, merged_test = val_test(merged.to(device))
+            rel = abs(merged_val - adapter_val) / adapter_val
+            metrics.update(ppl_after=round(merged_val, 4), test_ppl_after=round(merged_test, 4),
+                           merge_into=cfg.merge_into, merge_rel_diff=round(rel, 6))
+            if cfg.merge_into == "dequantized" and rel > 0.01:
+                raise ValidationFailed(f"the merged model's perplexity {merged_val:.4f} differs from the adapter "
+                                       f"model's {adapter_val:.4f} by {rel:.2%} (> 1%)",
+                                       "this is a bug in the merge; keep the adapter with --no-merge")
+            save_model(merged.to("cpu"), w.path, tokenizer_from=src.path, dtype="float32")
+            metrics["bytes"] = sum(p.stat().st_size for p in w.path.glob("*.safetensors"))
+            fmt, extra = "hf", {"adapter": "adapter", "logs": "logs"}
+        else:
+            metrics["ppl_after"] = round(adapter_val, 4)
+            fmt, extra = "lora-adapter", {"adapter": "adapter", "base_model_path": str(src.path), "logs": "logs"}
+        cfg_dict = asdict(cfg)
+        rec = stage_record("tune", cfg_dict, time.perf_counter() - t0, metrics, parent=src.digest())
+        art = w.commit(format=fmt, record=rec, parent=src, base_model=src.base_model, extra=extra)
+    shutil.rmtree(ckdir, ignore_errors=True)  # the run finished: its checkpoints are no longer needed
+    accelerator.wait_for_everyone()
+    return art
