@@ -293,11 +293,15 @@ def demo_cmd(workdir, as_json):
     if as_json:
         return
     from edgepack.artifact import open_artifact
-    from edgepack.commands import _fit_summary
+    from edgepack.deploy.cli import generate_cmd
 
     final = open_artifact(results[-1].path)
-    _fit_summary(final)
-    click.echo(f"\nNext: 'edgepack inspect {results[-1].path}' shows the lineage; a re-run of 'make demo' does no work.")
+    _fit_summary(open_artifact(results[0].path))
+    click.echo(f"\nThe compiled {final.extra.get('precision', '')} {final.extra.get('runtime', final.format)} artifact "
+               "generates (greedy, 64 tokens):")
+    click.get_current_context().invoke(generate_cmd, artifact=str(final.path), prompt="Once upon a time",
+                                       max_new_tokens=64)
+    click.echo(f"\nNext: 'edgepack inspect {final.path}' shows the lineage; a re-run of 'make demo' does no work.")
 
 
 def _fit_summary(art):
