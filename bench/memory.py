@@ -20,6 +20,8 @@ import re
 import threading
 from pathlib import Path
 
+from edgepack.deploy.runtime import process_rss_bytes
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -44,12 +46,6 @@ def reset_rss_peak() -> bool:
 def rss_peak_bytes() -> int | None:
     """Kernel high-water mark of this process's RSS since start or the last reset_rss_peak(), bytes."""
     return _status_kib("VmHWM")
-
-
-def current_rss_bytes() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
 
 
 def parse_meminfo(text: str) -> dict[str, int]:
@@ -101,7 +97,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         s = self._sampled
-        s["rss"] = max(s["rss"], current_rss_bytes()) if not self._hwm else 0
+        s["rss"] = max(s["rss"], process_rss_bytes()) if not self._hwm else 0
         if self._nvml is not None:
             used = int(self._nvml.nvmlDeviceGetMemoryInfo(self._nvml_dev).used)
             s["nvml"] = max(s["nvml"] or 0, used)

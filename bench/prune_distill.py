@@ -98,9 +98,9 @@ def decode_speed(paths: dict[str, Path], threads: int, rounds: int, new_tokens: 
     import numpy as np
 
     from edgepack.artifact import open_artifact
-    from edgepack.compress.prune import weight_bytes
     from edgepack.deploy.generation import GenerationConfig, generate
     from edgepack.deploy.runtime import open_runtime
+    from edgepack.hf import weight_bytes
 
     rts = {n: open_runtime(open_artifact(p), threads=threads) for n, p in paths.items()}
     prompt = np.array([[1, 403, 407, 261, 1119 % 512, 280, 260, 400]], dtype=np.int64)

@@ -279,8 +279,8 @@ def distill(src: Artifact, cfg: DistillConfig, target, out: Path, *, force: bool
     import torch
 
     from edgepack.artifact import check_output_dir
-    from edgepack.compress.prune import chunk, heldout_perplexity, split_stream, text_path, weight_bytes
-    from edgepack.hf import load_model, load_tokenizer, save_model
+    from edgepack.compress.prune import chunk, heldout_perplexity, split_stream, text_path
+    from edgepack.hf import load_model, load_tokenizer, save_model, weight_bytes
     from edgepack.progress import progress
 
     check_output_dir(Path(out), force)

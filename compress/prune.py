@@ -93,10 +93,6 @@ def heldout_perplexity(model, tokenizer, heldout: list[int], max_tokens: int | N
     return perplexity(hf_logits_fn(model), bos + list(heldout), proto)
 
 
-def weight_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
-
-
 # ------------------------------------------------------------------------------------------------ model verb
 def prune_model(model, cfg: PruneConfig, calib):
     """Apply cfg to `model` (a float32 torch model) -> (pruned model, details). Unstructured methods change the
@@ -154,7 +150,7 @@ def prune(src: Artifact, cfg: PruneConfig, target, out: Path, *, force: bool = F
     import torch
 
     from edgepack.compress import prune_algos as pa
-    from edgepack.hf import load_model, load_tokenizer, save_model
+    from edgepack.hf import load_model, load_tokenizer, save_model, weight_bytes
 
     target_info = _check_target(cfg, target)  # before any weights load
     t0 = time.perf_counter()

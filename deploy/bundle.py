@@ -19,7 +19,6 @@ creation time). Unpacking a .tar refuses absolute paths, `..`, links that leave 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -29,7 +28,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepack.artifact import Artifact, check_output_dir, hash_files, open_artifact, read_model_config, sha256_file
+from edgepack.artifact import (
+    Artifact,
+    check_output_dir,
+    files_digest,
+    hash_files,
+    open_artifact,
+    read_model_config,
+    sha256_file,
+)
 from edgepack.errors import ArtifactError, ConfigError, UnsupportedOnTarget
 
 BUNDLE_MANIFEST = "bundle.json"
@@ -240,7 +247,7 @@ def make_bundle(artifact, target, out, cfg: BundleConfig = BundleConfig(), *, fo
             "# edgepack itself is not on this list: install the same edgepack version from your wheel.\n"
             + "".join(r + "\n" for r in requirements))
         (root / SERVICE_NAME).write_text(_service_unit(cfg))
-        bundle_id = f"{name}-{_slug(target.name)}-{_digest(hash_files(root))[:12]}"
+        bundle_id = f"{name}-{_slug(target.name)}-{files_digest(hash_files(root))[:12]}"
         (root / "README.md").write_text(_device_readme(bundle_id, art, target, runtime, precision, cfg))
         # for `sha256sum -c SHA256SUMS` on a device that has no edgepack (yet)
         (root / "SHA256SUMS").write_text("".join(f"{m['sha256']}  {n}\n" for n, m in sorted(hash_files(root).items())))
@@ -299,13 +306,6 @@ def _write_tar(root: Path, out: Path) -> None:
 
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-.") or "model"
-
-
-def _digest(files: dict) -> str:
-    h = hashlib.sha256()
-    for name in sorted(files):
-        h.update(f"{name}\0{files[name]['sha256']}\n".encode())
-    return h.hexdigest()
 
 
 def _service_unit(cfg: BundleConfig) -> str:

@@ -82,6 +82,14 @@ def check_safetensors(path: Path) -> None:
             f"{path} is corrupt or truncated: header promises {8 + n + end} bytes, file has {size}", hint)
 
 
+def files_digest(files: dict[str, dict[str, Any]]) -> str:
+    """Content digest of a file table: sha256 over the sorted (path, sha256) pairs. Names content, not place."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{files[name]['sha256']}\n".encode())
+    return h.hexdigest()
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape numbers, read from package metadata (imports nothing)."""
     import platform
@@ -157,11 +165,8 @@ class Artifact:
         return self.manifest["files"]
 
     def digest(self) -> str:
-        """Content digest: sha256 over the sorted (path, sha256) pairs. Names the artifact's content, not its place."""
-        h = hashlib.sha256()
-        for name in sorted(self.files):
-            h.update(f"{name}\0{self.files[name]['sha256']}\n".encode())
-        return h.hexdigest()
+        """Content digest of the artifact's files (see files_digest)."""
+        return files_digest(self.files)
 
     def size_bytes(self) -> int:
         return sum(int(f["bytes"]) for f in self.files.values())

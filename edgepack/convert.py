@@ -42,7 +42,7 @@ def logits_parity(ref_fn, test_fn, vocab_size: int) -> dict:
 
 def convert(src: Artifact, cfg: ConvertConfig, target, out: Path, *, force: bool = False) -> Artifact:
     from edgepack.compress.evaluate import hf_logits_fn
-    from edgepack.hf import load_model, save_model
+    from edgepack.hf import load_model, save_model, weight_bytes
 
     t0 = time.perf_counter()
     model = load_model(src, device="cpu")  # float32 compute on CPU
@@ -53,7 +53,7 @@ def convert(src: Artifact, cfg: ConvertConfig, target, out: Path, *, force: bool
         if cfg.dtype not in (None, "float32"):
             cast = load_model(Artifact(w.path, {"format": "hf"}, False), device="cpu")
             metrics.update(logits_parity(hf_logits_fn(model), hf_logits_fn(cast), model.config.vocab_size))
-        metrics["bytes"] = sum(p.stat().st_size for p in w.path.glob("*.safetensors"))
+        metrics["bytes"] = weight_bytes(w.path)
         rec = stage_record("convert", asdict(cfg), time.perf_counter() - t0, metrics,
                            parent=src.digest())
         return w.commit(format="hf", record=rec, parent=src, base_model=src.base_model)

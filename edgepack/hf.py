@@ -107,6 +107,11 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def weight_bytes(path) -> int:
+    """Bytes of the safetensors weight files in a checkpoint directory."""
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+
+
 def save_model(model, dst: Path, *, tokenizer_from: Path | None = None, dtype: str | None = None) -> None:
     """save_pretrained as safetensors (optionally cast to `dtype`), plus the tokenizer files of `tokenizer_from`."""
     if dtype is not None:

@@ -39,6 +39,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgepack.artifact import sha256_file
 from edgepack.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
@@ -313,7 +314,7 @@ def prepare(path, cfg: PrepareConfig = PrepareConfig()) -> Prepared:
     for rec in kept:
         kinds[rec.kind] = kinds.get(rec.kind, 0) + 1
     report = {
-        "source": str(path), "source_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        "source": str(path), "source_sha256": sha256_file(Path(path)),
         "config": asdict(cfg), **counts, "records_read": len(records), "records_kept": len(kept), "kinds": kinds,
         "records_changed_by_cleaning": changed,
         "dropped": {"malformed": malformed, "empty": empty, "exact_duplicate": exact, "near_duplicate": near},

@@ -230,7 +230,7 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
 
     require("peft", "tune", "LoRA adapters")
     accelerate = require("accelerate", "tune", "the training loop (single process or accelerate launch)")
-    from edgepack.hf import load_model, load_tokenizer, save_model
+    from edgepack.hf import load_model, load_tokenizer, save_model, weight_bytes
     from edgepack.tune.checkpoint import checkpoint_dir, fingerprint, read_state
     from edgepack.tune.data import load_or_prepare, tokenize_splits
     from edgepack.tune.trainer import train
@@ -326,7 +326,7 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
                                        f"model's {adapter_val:.4f} by {rel:.2%} (> 1%)",
                                        "this is a bug in the merge; keep the adapter with --no-merge")
             save_model(merged.to("cpu"), w.path, tokenizer_from=src.path, dtype="float32")
-            metrics["bytes"] = sum(p.stat().st_size for p in w.path.glob("*.safetensors"))
+            metrics["bytes"] = weight_bytes(w.path)
             fmt, extra = "hf", {"adapter": "adapter", "logs": "logs"}
         else:
             metrics["ppl_after"] = round(adapter_val, 4)
