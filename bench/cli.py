@@ -54,7 +54,9 @@ def bench():
               help="Generated tokens per row; repeat or comma-separate to sweep.")
 @click.option("--batch", "batches", multiple=True, default=("1",), callback=_int_list, show_default=True,
               help="Rows per generation; repeat or comma-separate to sweep.")
-@click.option("--runs", default=5, show_default=True, help="Measured runs per sweep point.")
+@click.option("--runs", default=5, show_default=True, help="Measured runs per sweep point (at least).")
+@click.option("--min-seconds", default=2.0, show_default=True,
+              help="Keep measuring a point until this much wall time (more samples for small models); 0 = --runs.")
 @click.option("--warmup", default=2, show_default=True, help="Discarded warm-up runs per sweep point.")
 @click.option("--threads", type=int, help="CPU threads for the runtime [default: the runtime's].")
 @click.option("--target", "target_name", default="local", show_default=True,
@@ -66,8 +68,8 @@ def bench():
 @click.option("--plot", "plot_path", type=click.Path(), help="Write a PNG of tokens/s per sweep point.")
 @click.option("--save", "save_path", type=click.Path(), help="Also write the JSON record to this file.")
 @json_opt
-def run_cmd(artifact, runtime, prompt_lens, gen_lens, batches, runs, warmup, threads, target_name, baseline,
-            baseline_model, realtime, plot_path, save_path, as_json):
+def run_cmd(artifact, runtime, prompt_lens, gen_lens, batches, runs, min_seconds, warmup, threads, target_name,
+            baseline, baseline_model, realtime, plot_path, save_path, as_json):
     """Benchmark ARTIFACT on this machine: TTFT, prefill and decode tokens/s, peak memory, bandwidth utilisation."""
     from edgepack.artifact import open_artifact
     from edgepack.bench.run import BenchConfig, run_bench
@@ -75,7 +77,7 @@ def run_cmd(artifact, runtime, prompt_lens, gen_lens, batches, runs, warmup, thr
     from edgepack.targets import load_target
 
     cfg = BenchConfig(runtime=runtime, prompt_lens=prompt_lens, gen_lens=gen_lens, batches=batches, runs=runs,
-                      warmup=warmup, threads=threads, baseline=baseline, baseline_model=baseline_model or "",
+                      min_seconds=min_seconds, warmup=warmup, threads=threads, baseline=baseline, baseline_model=baseline_model or "",
                       realtime=realtime)
     errs = cfg.validate()
     if errs:
@@ -110,7 +112,7 @@ def _print_record(rec: dict) -> None:
     d = rec["device"]
     cols, rows = point_rows(rec)
     print_table(f"bench {label(rec)} on {d.get('name')} ({d.get('threads')} threads)", cols, rows,
-                caption=f"medians over {rec['settings']['runs']} runs after {rec['settings']['warmup']} warm-up; "
+                caption=f"medians over {rec['points'][0]['runs']} runs after {rec['settings']['warmup']} warm-up; "
                         f"peak mem = {rec['points'][0].get('peak_memory_kind', '?')}; predicted mem and roofline are "
                         f"predictions (targets.fit), MBU against {rec['target']['name']} "
                         f"({rec['target']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")

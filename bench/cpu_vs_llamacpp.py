@@ -1,9 +1,16 @@
 """CPU decode speed and quality: transformers `generate` fp32 vs edgepack's compiled onnxruntime artifacts (fp32,
 int8, int4 MatMulNBits) vs llama.cpp (GGUF f32 / Q4_0 / Q4_K_M), side by side in one run.
 
-    .venv/bin/python bench/cpu_vs_llamacpp.py [--rounds 3] [--new-tokens 128] [--threads 2] [--skip-llamacpp]
+    .venv/bin/python bench/cpu_vs_llamacpp.py [--model HF_DIR] [--rounds 3] [--new-tokens 128] [--threads 2]
+        [--skip-llamacpp] [--realtime]
 
-Models: a ~25M-parameter Llama built from a config (hidden 512, 8 layers, 8 heads / 4 KV heads, MLP 1536, vocab 512,
+With --model (a pretrained checkpoint every path can run, e.g. from bench/train_tiny_stories.py: head_dim % 16 == 0
+for onnxruntime-genai, widths multiples of 256 for llama.cpp's K-quants): speed, logit SQNR and perplexity all on
+that one model, perplexity on the held-out last 10 % of the text (the split the model was not trained on and the
+quantize stage does not calibrate on), so one artifact can be shown both faster and at least as good. Variants
+there add our GPTQ int4 graph and onnxruntime-genai builds with several option sets (GENAI_VARIANTS).
+
+Without --model: a ~25M-parameter Llama built from a config (hidden 512, 8 layers, 8 heads / 4 KV heads, MLP 1536, vocab 512,
 random weights with a fixed seed: speed and logit fidelity) and the real pretrained stories260K (perplexity).
 Every variant decodes the same token ids; llama.cpp's tokenizer is never used. Timing: each round runs every variant
 once, in turn, on the same prompt (16 tokens) with greedy decoding of `--new-tokens` tokens after one warm-up; the
@@ -19,7 +26,8 @@ llama.cpp lives in its own venv (it must not touch the project's torch): build i
     python3 -m venv /tmp/llamacpp-venv
     CMAKE_BUILD_PARALLEL_LEVEL=2 /tmp/llamacpp-venv/bin/pip install llama-cpp-python   # ~10-40 min on 2 cores
 and point --llamacpp-src at llama.cpp's sources (convert_hf_to_gguf.py + gguf-py; the llama-cpp-python sdist vendors
-them under vendor/llama.cpp). GGUF conversion runs with this venv's python (it needs torch + transformers);
+them under vendor/llama.cpp). GGUF conversion runs with this venv's python (it needs torch + transformers) and,
+for the sentencepiece tokenizer of these models, `pip install --target /tmp/llamacpp-extra sentencepiece` on its path;
 quantization and inference run in the llama.cpp venv through a small helper (HELPER below).
 The last stdout line is one JSON object with every figure.
 """
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 GGUF_FTYPES = {"q4_0": 2, "q4_k_m": 15}  # llama_ftype values (llama.h)
+EXTRA_PYTHONPATH = Path("/tmp/llamacpp-extra")  # pip install --target here: what convert_hf_to_gguf.py needs beyond us
 
 # Runs inside the llama.cpp venv: only numpy + llama_cpp. argv[1] names a JSON request file; prints one JSON answer.
 HELPER = r"""
@@ -130,7 +140,8 @@ def build_25m(path: Path) -> Path:
 def gguf_files(hf_dir: Path, work: Path, src: Path, llama_py: str, threads: int) -> dict[str, Path]:
     out = {"f32": work / "model-f32.gguf"}
     if not out["f32"].is_file():
-        env = {"PYTHONPATH": str(src / "gguf-py"), "PATH": "/usr/bin:/bin"}
+        extra = [str(EXTRA_PYTHONPATH)] if EXTRA_PYTHONPATH.is_dir() else []  # sentencepiece, outside our venv
+        env = {"PYTHONPATH": ":".join([str(src / "gguf-py"), *extra]), "PATH": "/usr/bin:/bin"}
         r = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out["f32"]),
                             "--outtype", "f32"], capture_output=True, text=True, env=env)
         if r.returncode != 0:
@@ -145,7 +156,18 @@ def gguf_files(hf_dir: Path, work: Path, src: Path, llama_py: str, threads: int)
     return out
 
 
-def compile_variants(hf_dir: Path, work: Path, exporter: str, threads: int) -> dict:
+# onnxruntime-genai builds compared: name -> CompileConfig overrides (genai_options go over GENAI_INT4_DEFAULTS)
+GENAI_VARIANTS = {
+    "genai int4": {},  # what `compile` builds by default (deploy/genai_builder.py GENAI_INT4_DEFAULTS)
+    "genai int4 builder defaults": {"genai_options": ("builder-defaults",)},  # RTN, int4 lm_head and embedding
+    "genai int4 rtn": {"genai_options": ("algo_config=rtn",)},
+    "genai int4 k_quant_mixed": {"genai_options": ("matmul_mixed_precision=last_matmul:int8,mixed_layers:int8",)},
+    "genai int4 block 128": {"group_size": 128},
+    "genai int4 fp32 activations": {"accuracy_level": 1},  # MatMulNBits without int8 activation quantization
+}
+
+
+def compile_variants(hf_dir: Path, work: Path, exporter: str, threads: int, extended: bool = False) -> dict:
     from edgepack.artifact import open_artifact, read_model_config
     from edgepack.deploy.compile import CompileConfig, compile_stage
     from edgepack.errors import EdgepackError
@@ -154,9 +176,15 @@ def compile_variants(hf_dir: Path, work: Path, exporter: str, threads: int) -> d
     target = load_target("cpu-x86-64")
     cfg = read_model_config(hf_dir)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    variants = {"fp32": {}, "int8": {}, "int4": {"builder": "edgepack"}}
+    variants = {"fp32": {"precision": "fp32"}, "int8": {"precision": "int8"},
+                "int4": {"precision": "int4", "builder": "edgepack"}}
+    if extended:  # int8 makes way for what the question needs (and each edgepack variant is one more export)
+        del variants["int8"]
+        variants["int4 gptq"] = {"precision": "int4", "builder": "edgepack", "int4_method": "int4-gptq"}
     if head_dim % 16 == 0:  # the genai builder's CPU GroupQueryAttention needs it (stories260K has head_dim 8)
-        variants["genai int4"] = {"builder": "genai"}
+        for name, over in (GENAI_VARIANTS if extended else {"genai int4": {}, "genai int4 builder defaults":
+                                                             GENAI_VARIANTS["genai int4 builder defaults"]}).items():
+            variants[name] = {"precision": "int4", "builder": "genai", **over}
     arts = {}
     for name, over in variants.items():
         out = work / f"ort-{name.replace(' ', '-')}"
@@ -164,7 +192,7 @@ def compile_variants(hf_dir: Path, work: Path, exporter: str, threads: int) -> d
             arts[name] = open_artifact(out)
             continue
         t0 = time.perf_counter()
-        c = CompileConfig(precision=name.split()[-1], exporter=exporter, threads=threads, **over)
+        c = CompileConfig(exporter=exporter, threads=threads, measure_tokens=0, **over)
         try:
             arts[name] = compile_stage(open_artifact(hf_dir), c, target, out)
         except EdgepackError as exc:
@@ -201,8 +229,8 @@ def measure_hf(hf_dir: Path, prompt, new_tokens: int, threads: int, realtime: bo
 
 
 def quality(hf_dir: Path, arts: dict, ggufs: dict, llama_py: str | None, ppl_tokens: int, threads: int,
-            work: Path) -> dict:
-    """{variant: {ppl, sqnr_db}} on one model."""
+            work: Path, heldout: bool = False) -> dict:
+    """{variant: {ppl, sqnr_db}} on one model; perplexity on the whole text, or its held-out last 10 %."""
     import numpy as np
 
     from edgepack.artifact import open_artifact
@@ -211,7 +239,11 @@ def quality(hf_dir: Path, arts: dict, ggufs: dict, llama_py: str | None, ppl_tok
     from edgepack.hf import load_tokenizer
 
     text, _ = read_text(SHARED / "data" / "tinystories-valid-sample.txt")
-    proto = PplProtocol(window=256, stride=128, max_tokens=ppl_tokens).resolved()
+    if heldout:
+        from edgepack.bench.train_tiny_stories import split_text
+
+        text = split_text(text)[1]
+    proto = PplProtocol(window=256, stride=128, max_tokens=ppl_tokens or None).resolved()
     ids = token_stream(load_tokenizer(hf_dir), text, proto)
     ref_fn = open_scorer(open_artifact(hf_dir))[0]
     probe = probe_ids(512)
@@ -234,11 +266,15 @@ def quality(hf_dir: Path, arts: dict, ggufs: dict, llama_py: str | None, ppl_tok
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None,
+                    help="pretrained HF checkpoint for speed AND held-out perplexity [default: 25M config model for "
+                         "speed, stories260K for perplexity]")
     ap.add_argument("--workdir", default="/tmp/edgepack-bench-cpu-vs-llamacpp")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ppl-tokens", type=int, default=4000)
+    ap.add_argument("--ppl-tokens", type=int, default=None,
+                    help="score at most this many tokens; 0 = all [default: 4000, all of the held-out split with --model]")
     ap.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"))
     ap.add_argument("--llamacpp-python", default="/tmp/llamacpp-venv/bin/python")
     ap.add_argument("--llamacpp-src", default=None, help="llama.cpp source dir [default: first /tmp/llamacpp-src/*/vendor/llama.cpp]")
@@ -257,30 +293,39 @@ def main() -> None:
     use_llama = not args.skip_llamacpp and Path(args.llamacpp_python).is_file() and src is not None
     if not args.skip_llamacpp and not use_llama:
         print(f"llama.cpp skipped: no {args.llamacpp_python} or no llama.cpp sources (see the module doc)", file=sys.stderr)
-    models = {"llama-25m": build_25m(work / "models" / "llama-25m"), "stories260K": SHARED / "models" / "stories260K"}
+    if args.model:  # one pretrained model: speed, SQNR and held-out perplexity on it
+        speed_name = Path(args.model).name
+        models = {speed_name: Path(args.model).absolute()}
+        ppl_models, ppl_tokens = {speed_name}, args.ppl_tokens or 0
+    else:
+        speed_name = "llama-25m"
+        models = {"llama-25m": build_25m(work / "models" / "llama-25m"), "stories260K": SHARED / "models" / "stories260K"}
+        ppl_models, ppl_tokens = {"stories260K"}, 4000 if args.ppl_tokens is None else args.ppl_tokens
     arts, ggufs = {}, {}
     for name, hf_dir in models.items():
         (work / name).mkdir(exist_ok=True)
         print(f"[{name}] compiling edgepack variants", file=sys.stderr, flush=True)
-        arts[name] = compile_variants(hf_dir, work / name, args.exporter, args.threads)
+        arts[name] = compile_variants(hf_dir, work / name, args.exporter, args.threads, extended=bool(args.model))
         if use_llama:
             print(f"[{name}] converting to GGUF", file=sys.stderr, flush=True)
             ggufs[name] = gguf_files(hf_dir, work / name, src, args.llamacpp_python, args.threads)
 
-    # ---- speed, on the 25M model: every variant once per round, medians over rounds
-    hf_dir = models["llama-25m"]
+    # ---- speed, on one model: every variant once per round, medians over rounds
+    hf_dir = models[speed_name]
     prompt = np.random.default_rng(3).integers(3, 512, size=(1, 16))
     runs: dict[str, list[dict]] = {}
     for rnd in range(args.rounds):
         print(f"[speed] round {rnd + 1}/{args.rounds}", file=sys.stderr, flush=True)
         runs.setdefault("transformers generate fp32", []).append(measure_hf(hf_dir, prompt, args.new_tokens, args.threads,
                                                                            args.realtime))
-        for prec, art in arts["llama-25m"].items():
+        for prec, art in arts[speed_name].items():
             runs.setdefault(f"edgepack ort {prec}", []).append(measure_ort(art, prompt, args.new_tokens, args.threads,
-                                                                                   args.realtime))
-        runs.setdefault("edgepack ort int4 (no IO binding)", []).append(
-            measure_ort(arts["llama-25m"]["int4"], prompt, args.new_tokens, args.threads, args.realtime, io_binding=False))
-        for g, path in ggufs.get("llama-25m", {}).items():
+                                                                           args.realtime))
+        if not args.model:
+            runs.setdefault("edgepack ort int4 (no IO binding)", []).append(
+                measure_ort(arts[speed_name]["int4"], prompt, args.new_tokens, args.threads, args.realtime,
+                            io_binding=False))
+        for g, path in ggufs.get(speed_name, {}).items():
             runs.setdefault(f"llama.cpp {g}", []).append(helper(args.llamacpp_python, {
                 "op": "measure", "model": str(path), "prompt": prompt[0].tolist(), "new_tokens": args.new_tokens,
                 "threads": args.threads, "n_ctx": 512}, realtime=args.realtime))
@@ -288,25 +333,36 @@ def main() -> None:
                for m in ("decode_tokens_per_s", "e2e_tokens_per_s")} for k, v in runs.items()}
     base = med["transformers generate fp32"]["e2e_tokens_per_s"]
     ref_tokens = runs["edgepack ort fp32"][0]["tokens"]
+    sizes = {f"edgepack ort {k}": sum(p.stat().st_size for p in a.path.glob("*.onnx*"))
+             for k, a in arts[speed_name].items()}
+    sizes.update({f"llama.cpp {g}": p.stat().st_size for g, p in ggufs.get(speed_name, {}).items()})
     print("[quality] perplexity and logit SQNR", file=sys.stderr, flush=True)
-    qual = {name: quality(models[name], arts[name], ggufs.get(name), args.llamacpp_python, args.ppl_tokens,
-                          args.threads, work / name) for name in models}
+    qual = {name: quality(models[name], arts[name], ggufs.get(name), args.llamacpp_python,
+                          ppl_tokens if name in ppl_models else 256, args.threads, work / name,
+                          heldout=bool(args.model)) for name in models}
     rows = []
     for k, v in med.items():
-        q25, qs = qual["llama-25m"].get(_qual_key(k), {}), qual["stories260K"].get(_qual_key(k), {})
         same = sum(a == b for a, b in zip(runs[k][0]["tokens"], ref_tokens)) / len(ref_tokens)
-        rows.append([k, _f(v["decode_tokens_per_s"]), _f(v["e2e_tokens_per_s"]), f"{v['e2e_tokens_per_s'] / base:.2f}x",
-                     f"{same:.0%}", _f(q25.get("sqnr_db")), _f(qs.get("ppl"), 4), _f(qs.get("sqnr_db"))])
+        row = [k, _f(v["decode_tokens_per_s"]), _f(v["e2e_tokens_per_s"]), f"{v['e2e_tokens_per_s'] / base:.2f}x",
+               f"{same:.0%}", _f(sizes[k] / 1e6 if k in sizes else None, 2)]
+        for name in models:
+            q = qual[name].get(_qual_key(k), {})
+            row += ([_f(q.get("ppl"), 4)] if name in ppl_models else []) + [_f(q.get("sqnr_db"))]
+        rows.append(row)
+    cols = [c for name in models for c in ([f"{name} ppl"] if name in ppl_models else []) + [f"{name} SQNR dB"]]
     print_table(f"CPU decode, batch 1, {args.threads} threads, {args.new_tokens} new tokens, median of {args.rounds} rounds",
-                ["variant", "decode tok/s", "e2e tok/s", "vs transformers", "greedy = ort fp32", "25M SQNR dB",
-                 "stories260K ppl", "stories260K SQNR dB"], rows,
-                caption="speed and SQNR on the 25M config model (random weights); ppl on the pretrained stories260K")
-    print(json.dumps({"bench": "cpu_vs_llamacpp", "threads": args.threads, "realtime": args.realtime, "new_tokens": args.new_tokens,
-                      "rounds": args.rounds, "speed_median": med,
+                ["variant", "decode tok/s", "e2e tok/s", "vs transformers", "greedy = ort fp32", "MB", *cols], rows,
+                caption=f"speed on {speed_name}; ppl: edgepack-ppl-v1 window 256 / stride 128"
+                        + (", held-out last 10 % of the text" if args.model else ", first tokens of the text"))
+    print(json.dumps({"bench": "cpu_vs_llamacpp", "model": str(args.model or ""), "threads": args.threads,
+                      "realtime": args.realtime, "new_tokens": args.new_tokens, "rounds": args.rounds,
+                      "load_average": list(os.getloadavg()), "speed_median": med, "bytes": sizes,
                       "speed_runs": {k: [{m: r.get(m) for m in ("decode_tokens_per_s", "e2e_tokens_per_s")} for r in v]
                                      for k, v in runs.items()},
                       "quality": qual, "ppl_protocol": "edgepack-ppl-v1 window 256 stride 128",
-                      "ppl_tokens": args.ppl_tokens}, default=float))
+                      "ppl_split": "held-out last 10 %" if args.model else "first tokens", "ppl_tokens": ppl_tokens,
+                      "genai_options": {k: a.extra.get("builder_options") for k, a in arts[speed_name].items()
+                                        if k.startswith("genai")}}, default=float))
 
 
 def _qual_key(variant: str) -> str:

@@ -57,9 +57,14 @@ def probe_vocab(rt) -> int:
     return v
 
 
+MAX_RUNS = 10_000  # cap for min_seconds on a model so small that one run takes microseconds
+
+
 def measure_point(rt, prompt_len: int, gen_len: int, batch: int, *, runs: int, warmup: int, vocab: int,
-                  seed: int = 0, sync=None, memory=None) -> dict:
-    """Time one sweep point on `rt`. `memory` is a factory returning a PeakMemory-like context manager wrapped
+                  seed: int = 0, sync=None, memory=None, min_seconds: float = 0.0) -> dict:
+    """Time one sweep point on `rt`: at least `runs` runs and, past those, more until `min_seconds` of wall time
+    were measured (a 260K model decodes 64 tokens in ~30 ms: five runs are too few samples to repeat within a few
+    percent on a shared machine). `memory` is a factory returning a PeakMemory-like context manager wrapped
     around the measured runs (not the warm-up). Returns the point's figures (times in ms, rates in tokens/s)."""
     from edgepack.deploy.generation import GenerationConfig, generate
 
@@ -73,11 +78,13 @@ def measure_point(rt, prompt_len: int, gen_len: int, batch: int, *, runs: int, w
         ctx.__enter__()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     try:
-        for _ in range(runs):
+        done = 0
+        while done < runs or (time.perf_counter() - wall0 < min_seconds and done < MAX_RUNS):
             res = generate(rt, ids, cfg, sync=sync)
             ttfts.append(res.ttft_s)
             itls.extend(res.token_latencies_s)
             tokens = res.tokens
+            done += 1
     finally:
         cpu_util = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
         if ctx is not None:
@@ -85,7 +92,7 @@ def measure_point(rt, prompt_len: int, gen_len: int, batch: int, *, runs: int, w
             mem = ctx
     # process CPU seconds per wall second over the measured runs: ~= threads when the machine left the benchmark
     # alone, lower when other processes took the cores (then the wall-clock figures include waiting)
-    point = {"prompt_len": prompt_len, "gen_len": gen_len, "batch": batch, "runs": runs, "warmup": warmup,
+    point = {"prompt_len": prompt_len, "gen_len": gen_len, "batch": batch, "runs": done, "warmup": warmup,
              "cpu_utilization": cpu_util}
     point.update(ttft_stats(ttfts, prompt_len, batch))
     if itls:

@@ -28,8 +28,9 @@ def rows_to_run(groups: list[int]) -> list[tuple[str, str, int]]:
     """(method, format, group size) rows: the CPU path (onnx) for every integer method, torch for nf4 / fp8."""
     rows = [("int8", "onnx", 0), ("int8", "torch", 0)]
     for g in groups:
-        rows += [(m, "onnx", g) for m in ("int4-rtn", "int4-hqq", "int4-awq", "int4-gptq")]
-    rows += [("int4-gptq", "torch", groups[0]), ("nf4", "torch", 0), ("fp8", "torch", 0)]
+        rows += [(m, "onnx", g) for m in ("int4-rtn", "int4-hqq", "int4-awq", "int4-gptq", "int4-gptq-kd")]
+    rows += [("int4-gptq", "torch", groups[0]), ("int4-gptq-kd", "torch", groups[0]), ("nf4", "torch", 0),
+             ("fp8", "torch", 0)]
     return rows
 
 

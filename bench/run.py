@@ -33,7 +33,8 @@ class BenchConfig:
     prompt_lens: tuple[int, ...] = (64,)  # prompt tokens per row
     gen_lens: tuple[int, ...] = (64,)  # generated tokens per row (the first comes from prefill)
     batches: tuple[int, ...] = (1,)  # rows generated together
-    runs: int = 5  # measured runs per point
+    runs: int = 5  # measured runs per point (at least)
+    min_seconds: float = 2.0  # more runs until this much wall time was measured per point (0 = exactly `runs`)
     warmup: int = 2  # discarded runs per point
     threads: int | None = None  # CPU threads for the runtime (None: its default)
     baseline: str | None = None  # "hf": plain transformers generate on the same model, same process
@@ -49,6 +50,8 @@ class BenchConfig:
                 errs.append(f"{name} must be a non-empty list of integers >= 1")
         if self.runs < 1:
             errs.append("runs must be >= 1")
+        if self.min_seconds < 0:
+            errs.append("min_seconds must be >= 0")
         if self.warmup < 0:
             errs.append("warmup must be >= 0")
         if self.threads is not None and self.threads < 1:
@@ -211,7 +214,8 @@ def artifact_group_size(art) -> int | None:
     return None
 
 
-def roofline(art, target, precision: str | None, prompt_len: int, gen_len: int, batch: int) -> dict:
+def roofline(art, target, precision: str | None, prompt_len: int, gen_len: int, batch: int,
+             runtime: str | None = None) -> dict:
     """Bytes read per generated token and what they imply: the bandwidth-bound decode limit (a prediction) and,
     from targets.fit, the predicted peak memory. Context for the KV cache: the mean during decode."""
     cfg = model_config(art.path)
@@ -225,7 +229,8 @@ def roofline(art, target, precision: str | None, prompt_len: int, gen_len: int, 
         r = fit(cfg, target, precision, context=mean_ctx, batch=batch, check_support=False, **group)
         out["bytes_per_token"] = r.bytes_per_token
         out["bytes_per_token_source"] = f"targets.fit: model config at {precision}, KV at mean context {mean_ctx}"
-        peak = fit(cfg, target, precision, context=prompt_len + gen_len, batch=batch, check_support=False, **group)
+        peak = fit(cfg, target, precision, context=prompt_len + gen_len, batch=batch, check_support=False,
+                   runtime=runtime, **group)
         out["predicted_peak_memory_bytes"] = peak.required_bytes
     else:
         kv = 0
@@ -319,11 +324,12 @@ def run_bench(art, cfg: BenchConfig, target, *, progress=None) -> dict:
     points = []
     load_before = os.getloadavg()[0]
     for p, g, b in cfg.points():
-        say(f"prompt {p}, generate {g}, batch {b}: {cfg.warmup} warm-up + {cfg.runs} runs")
+        say(f"prompt {p}, generate {g}, batch {b}: {cfg.warmup} warm-up + {cfg.runs} runs (more until {cfg.min_seconds} s)")
         with scheduling(cfg.realtime) as sched:
             pt = measure_point(rt, p, g, b, runs=cfg.runs, warmup=cfg.warmup, vocab=vocab, seed=cfg.seed, sync=sync,
+                               min_seconds=cfg.min_seconds,
                                memory=lambda: PeakMemory(device))
-        pt.update(roofline(art, target, mem_precision, p, g, b))
+        pt.update(roofline(art, target, mem_precision, p, g, b, runtime=runtime))
         points.append(pt)
     load_after = os.getloadavg()[0]
     base_points = None

@@ -77,10 +77,12 @@ def write_onnx_quant(model, src, cfg, dst: Path, calib) -> dict:
     else:
         from edgepack.compress.quantize import quantize_weights_
 
-        qweights = int8_per_channel_(model) if cfg.method == "int8" else quantize_weights_(model, cfg, calib)
+        info: dict = {}
+        qweights = int8_per_channel_(model) if cfg.method == "int8" else quantize_weights_(model, cfg, calib, info)
         digests = linear_digests(model)
         extra = export_fp32(model, src.path, dst, cfg.exporter)
         details = pack_matmul_nbits(dst / extra.get("onnx_file", "model.onnx"), digests, qweights, cfg.accuracy_level)
+        details |= info
     precision = "int8" if cfg.method == "int8" else "int4"
     quant = {"method": cfg.method, "group_size": cfg.group_size if precision == "int4" else 0,
              "symmetric": cfg.symmetric or precision == "int8", "accuracy_level": cfg.accuracy_level,

@@ -44,16 +44,21 @@ METHODS: dict[str, Method] = {
     "int4-awq": Method("int4", ("onnx", "torch"), True),
     "nf4": Method("nf4", ("torch",), False, ("bitsandbytes", "tune")),
     "fp8": Method("fp8", ("torch",), False),
+    "int4-gptq-kd": Method("int4", ("onnx", "torch"), True),  # GPTQ, then codes/scales refined by distillation
 }
 FORMATS = ("onnx", "torch")
 # Which artifact path serves each runtime a target may prefer (TensorRT consumes ONNX).
 RUNTIME_FORMAT = {"onnxruntime": "onnx", "tensorrt": "onnx", "torch-cuda": "torch", "torch-cpu": "torch"}
 KEPT_FP32 = ("embed_tokens", "lm_head")
+AUTO = "auto"
+# method = "auto", fastest decode first: 8-bit float where the GPU has fp8 tensor cores (weights prepared here in
+# torch; no CUDA needed to write them), else calibrated int4 (GPTQ), else int8. One recipe can so serve every target.
+AUTO_ORDER = ("fp8", "int4-gptq", "int8")
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    method: str = "int4-gptq"  # one of METHODS
+    method: str = "int4-gptq"  # one of METHODS, or "auto": the first of AUTO_ORDER the target runs (resolve_method)
     format: str | None = None  # onnx | torch; None: the target's preferred runtime decides (torch without a target)
     group_size: int = 32  # input channels per scale for int4 (power of two >= 16); int8 and fp8 are per channel
     symmetric: bool = False  # int4 only: symmetric grid (no zero points) instead of asymmetric min/max
@@ -67,10 +72,13 @@ class QuantizeConfig:
     max_ppl_increase: float | None = None  # percent; exceeding it fails the stage and writes nothing
     int8_onnx: str = "nbits"  # onnx int8: nbits (MatMulNBits 8-bit per channel) | dynamic (onnxruntime quantize_dynamic)
     exporter: str = "dynamo"  # onnx format: dynamo (torch.export, the supported path) | torchscript (faster)
+    kd_steps: int = 300  # int4-gptq-kd: distillation steps (batches of 8 windows) after GPTQ (compress/quant_refine.py)
+    kd_samples: int = 256  # int4-gptq-kd: calibration windows for distillation (GPTQ uses the first calib_samples)
+    seed: int = 0  # int4-gptq-kd: batch order of the distillation
 
     def validate(self) -> list[str]:
         errs = []
-        if self.method not in METHODS:
+        if self.method not in METHODS and self.method != AUTO:
             errs.append(f"unknown method '{self.method}'{did_you_mean(self.method, METHODS)}; "
                         f"methods: {', '.join(METHODS)}")
         if self.method == "int4-hqq" and self.symmetric:
@@ -93,6 +101,8 @@ class QuantizeConfig:
             errs.append("exporter must be dynamo or torchscript")
         if self.eval_max_tokens is not None and self.eval_max_tokens < 16:
             errs.append("eval_max_tokens must be >= 16")
+        if self.kd_steps < 0 or self.kd_samples < 2:
+            errs.append("kd_steps must be >= 0 and kd_samples >= 2")
         return errs
 
 
@@ -111,6 +121,35 @@ def resolve_format(cfg: QuantizeConfig, target) -> str:
     return fmt if fmt in spec.formats else spec.formats[-1]
 
 
+def resolve_method(cfg: QuantizeConfig, target) -> tuple[QuantizeConfig, str]:
+    """(config with a concrete method, why). method = "auto" takes the first of AUTO_ORDER that the target runs and
+    that has a path in the format the target's runtime reads (or cfg.format) with its dependencies installed here."""
+    import importlib.util
+    from dataclasses import replace
+
+    if cfg.method != AUTO:
+        return cfg, ""
+    skipped = []
+    # On CUDA targets the quantized weights run through the torch path (torchao kernels): the ONNX MatMulNBits
+    # operator is onnxruntime's, and TensorRT builds float engines from ONNX
+    fmt0 = cfg.format or ("torch" if target is not None and target.has_cuda else None)
+    for m in AUTO_ORDER:
+        spec, c = METHODS[m], replace(cfg, method=m, format=fmt0)
+        fmt = resolve_format(c, target)
+        if target is not None and not target.supports(precision=spec.precision):
+            skipped.append(f"{m}: {target.name} does not run {spec.precision}")
+        elif fmt not in spec.formats:
+            skipped.append(f"{m}: no {fmt} path")
+        elif spec.requires and importlib.util.find_spec(spec.requires[0]) is None:
+            skipped.append(f"{m}: {spec.requires[0]} is not installed")
+        else:
+            where = f"target {target.name}" if target is not None else "no target"
+            return c, f"auto for {where}: {m} ({fmt})" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
+    raise UnsupportedOnTarget(f"method 'auto' found no quantization method for target "
+                              f"'{getattr(target, 'name', None)}' ({'; '.join(skipped)})",
+                              "name a method, or drop the quantize stage for this target")
+
+
 def check_legal(cfg: QuantizeConfig, target) -> str:
     """Every check that needs no weights: method, format, target capabilities, optional dependencies.
     Returns the artifact format to write."""
@@ -119,6 +158,7 @@ def check_legal(cfg: QuantizeConfig, target) -> str:
     errs = cfg.validate()
     if errs:
         raise ConfigError("quantize: " + "; ".join(errs), "see 'edgepack quantize --help'")
+    cfg = resolve_method(cfg, target)[0]
     spec = METHODS[cfg.method]
     if target is not None and not target.supports(precision=spec.precision):
         ok = supported_methods(target)
@@ -167,6 +207,7 @@ def split_texts(cfg: QuantizeConfig) -> tuple[str, str, dict]:
 
 def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bool = False) -> Artifact:
     fmt = check_legal(cfg, target)
+    cfg, choice = resolve_method(cfg, target)
     check_output_dir(Path(out), force)
     if src.format != "hf":
         raise ArtifactError(f"quantize reads Hugging Face checkpoints; '{src.path}' is a '{src.format}' artifact",
@@ -212,6 +253,8 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
                    "size_ratio_vs_fp32": round(weight_bytes / fp32_bytes, 4), "eval_tokens": after.tokens,
                    "calib_tokens": n_calib, "protocol": {**before.protocol, **texts},
                    "method": cfg.method, "format": out_format, "kept_fp32": list(KEPT_FP32), **details}
+        if choice:
+            metrics["method_choice"] = choice
         if not np.isfinite(after.perplexity):
             raise ValidationFailed(f"{cfg.method} produced non-finite perplexity", "report this as a bug")
         if cfg.max_ppl_increase is not None and increase > cfg.max_ppl_increase:
@@ -234,12 +277,14 @@ def _calib_ids(cfg: QuantizeConfig, tok, calib_text: str, model):
     from edgepack.compress.quant_algos import calibration_ids
 
     seq_len = min(cfg.calib_seq_len, model.config.max_position_embeddings)
-    return calibration_ids(tok, calib_text, cfg.calib_samples, seq_len, tok.bos_token_id)
+    n = max(cfg.calib_samples, cfg.kd_samples) if cfg.method == "int4-gptq-kd" else cfg.calib_samples
+    return calibration_ids(tok, calib_text, n, seq_len, tok.bos_token_id)
 
 
-def quantize_weights_(model, cfg: QuantizeConfig, calib=None) -> dict:
+def quantize_weights_(model, cfg: QuantizeConfig, calib=None, info: dict | None = None) -> dict:
     """The model-level verb for the integer methods: quantize every decoder linear in place, return the codes
-    ({name: QuantizedWeight}). int8 is per output channel and symmetric."""
+    ({name: QuantizedWeight}). int8 is per output channel and symmetric. `info`, when given, receives what a
+    method measured about itself (int4-gptq-kd: held-out KL before / after distillation)."""
     from edgepack.compress import quant_algos as qa
 
     if cfg.method == "int8":
@@ -253,6 +298,14 @@ def quantize_weights_(model, cfg: QuantizeConfig, calib=None) -> dict:
     if cfg.method == "int4-awq":  # activation-aware scales folded into the norms, then round-to-nearest
         qa.awq_scale_(model, calib, 4, cfg.group_size, cfg.symmetric)
         return qa.weight_only_model_(model, "rtn", 4, cfg.group_size, cfg.symmetric)
+    if cfg.method == "int4-gptq-kd":
+        from edgepack.compress.quant_refine import gptq_kd_model_
+
+        codes, kd = gptq_kd_model_(model, calib, 4, cfg.group_size, cfg.symmetric, gptq_samples=cfg.calib_samples,
+                                   steps=cfg.kd_steps, seed=cfg.seed)
+        if info is not None:
+            info.update(kd)
+        return codes
     raise ConfigError(f"'{cfg.method}' is not an integer method", f"integer methods: int8, {', '.join(_int4())}")
 
 
@@ -266,7 +319,7 @@ def _write_torch(model, src: Artifact, cfg: QuantizeConfig, tok, calib_text: str
     from edgepack.compress import quant_torch as qt
     from edgepack.compress.quant_algos import quantizable_linears
 
-    tensors, layers, calib_tokens = {}, {}, 0
+    tensors, layers, calib_tokens, info = {}, {}, 0, {}
     if cfg.method in ("nf4", "fp8"):
         with torch.no_grad():
             for name, m in quantizable_linears(model).items():
@@ -285,7 +338,7 @@ def _write_torch(model, src: Artifact, cfg: QuantizeConfig, tok, calib_text: str
     else:
         calib = _calib_ids(cfg, tok, calib_text, model) if METHODS[cfg.method].calibrated else None
         calib_tokens = int(calib.numel()) if calib is not None else 0
-        for name, qw in quantize_weights_(model, cfg, calib).items():
+        for name, qw in quantize_weights_(model, cfg, calib, info).items():
             t, rec = qt.int_layer_tensors(name, qw)
             tensors |= t
             layers[name] = rec
@@ -296,4 +349,4 @@ def _write_torch(model, src: Artifact, cfg: QuantizeConfig, tok, calib_text: str
                   f"groups of {cfg.group_size} input channels, {'symmetric' if cfg.symmetric else 'asymmetric'}"}
     meta = {"method": cfg.method, **scheme, "kept_fp32": list(KEPT_FP32)}
     qt.save_torch_quant(model, tensors, layers, meta, dst, src.path)
-    return {"layers_quantized": len(layers), "calib_tokens": calib_tokens, "scheme": scheme["scheme"]}
+    return {"layers_quantized": len(layers), "calib_tokens": calib_tokens, "scheme": scheme["scheme"], **info}

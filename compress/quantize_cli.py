@@ -8,13 +8,14 @@ import click
 
 from edgepack.commands import _report_artifact, force_opt, json_opt, trust_opt
 
-METHOD_NAMES = ("int8", "int4-rtn", "int4-gptq", "int4-hqq", "int4-awq", "nf4", "fp8")  # = compress.quantize.METHODS
+METHOD_NAMES = ("int8", "int4-rtn", "int4-gptq", "int4-hqq", "int4-awq", "nf4", "fp8", "int4-gptq-kd")  # = compress.quantize.METHODS
 
 
 @click.command("quantize")
 @click.argument("model")
 @click.option("--method", "-m", required=True, type=click.Choice(METHOD_NAMES),
-              help="int8 (per channel), int4-rtn, int4-gptq / int4-awq (calibrated), int4-hqq, nf4 (bitsandbytes), fp8.")
+              help="int8 (per channel), int4-rtn, int4-gptq / int4-awq (calibrated), int4-gptq-kd (GPTQ refined by "
+                   "distillation from the fp32 model, best quality, slower), int4-hqq, nf4 (bitsandbytes), fp8.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output artifact directory.")
 @click.option("--target", "target_name", help="Target name or TOML: decides what is legal and the default format.")
 @click.option("--format", "fmt", type=click.Choice(("onnx", "torch")),

@@ -73,6 +73,7 @@ class BundleConfig:
     port: int = 8000  # the service unit's port (it binds 127.0.0.1; put a reverse proxy in front to expose it)
     max_tokens_cap: int = 512  # serve refuses max_tokens above this (tokens)
     tokenizer: str | None = None  # directory with tokenizer files, when the artifact has none
+    name: str | None = None  # first part of the bundle id; None = the artifact directory's name
 
     def validate(self) -> list[str]:
         errs = []
@@ -169,15 +170,16 @@ def check_runs_on(art: Artifact, target, runtime: str) -> str | None:
     return precision
 
 
-def device_requirements(runtime: str) -> list[str]:
+def device_requirements(runtime: str, system_tensorrt: bool = False) -> list[str]:
     """pip requirement lines the device needs for `runtime`: edgepack's core dependencies plus the runtime's extras,
-    exactly as the installed edgepack declares them."""
+    exactly as the installed edgepack declares them. `system_tensorrt`: the device's own TensorRT is used (targets
+    that build engines on the device: JetPack ships TensorRT for its L4T and CUDA, PyPI's wheels do not fit it)."""
     from importlib import metadata
 
     if runtime not in REQUIREMENTS_EXTRAS:
         raise ConfigError(f"no device requirements are known for runtime '{runtime}'",
                           "add it to REQUIREMENTS_EXTRAS in deploy/bundle.py")
-    extras = set(REQUIREMENTS_EXTRAS[runtime])
+    extras = set(REQUIREMENTS_EXTRAS[runtime]) - ({"tensorrt"} if system_tensorrt else set())
     out = []
     for line in metadata.requires("edgepack") or []:
         spec, _, marker = line.partition(";")
@@ -224,7 +226,7 @@ def make_bundle(artifact, target, out, cfg: BundleConfig = BundleConfig(), *, fo
         raise ArtifactError(f"output '{out}' already exists", "choose another -o, or pass --force to replace it")
     if not as_tar:
         check_output_dir(out, force)
-    requirements = device_requirements(runtime)
+    requirements = device_requirements(runtime, system_tensorrt=target.engine_build == "device")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -236,7 +238,7 @@ def make_bundle(artifact, target, out, cfg: BundleConfig = BundleConfig(), *, fo
 
             (root / "tokenizer").mkdir()
             copy_tokenizer(tok_src, root / "tokenizer")
-        name = _slug(art.path.name)
+        name = _slug(cfg.name or art.path.name)
         runtime_cfg = {"runtime": runtime, "precision": precision, "format": art.format, "context": _context_length(art),
                        "max_tokens_cap": cfg.max_tokens_cap, "port": cfg.port,
                        "tokenizer": "tokenizer" if tok_src is not None else "artifact",
@@ -334,6 +336,9 @@ def _device_readme(bundle_id, art, target, runtime, precision, cfg) -> str:
     base = cfg.device_dir if cfg.device_dir.startswith("/") else f"~/{cfg.device_dir}"
     steps = [f"- {r.get('stage')}: {', '.join(f'{k}={v}' for k, v in list((r.get('metrics') or {}).items())[:4])}"
              for r in art.history] or ["- (a plain checkpoint: no stages applied)"]
+    engine_note = ("" if target.engine_build != "device" or runtime != "tensorrt" else
+                   f"    edgepack device prepare {base}/current        (builds the TensorRT engine HERE, with the "
+                   "device's own JetPack TensorRT; not pip-installed)\n")
     return f"""# edgepack bundle {bundle_id}
 
 Model `{art.path.name}` ({art.format}, {precision or 'unknown precision'}) from `{art.base_model}`, made for
@@ -347,7 +352,7 @@ Lineage:
     {base}/current -> releases/<bundle id>      (switched atomically by `edgepack push`, `edgepack rollback`)
     pip install -r {base}/current/requirements.txt   (or, from the host: edgepack remote prepare HOST)
     edgepack serve {base}/current                     (OpenAI-compatible API on 127.0.0.1:{cfg.port})
-
+{engine_note}
 Service: `mkdir -p ~/.config/systemd/user && cp {base}/current/{SERVICE_NAME} ~/.config/systemd/user/`, then
 `systemctl --user daemon-reload && systemctl --user enable --now {SERVICE_NAME}` (and `loginctl enable-linger`
 so it starts at boot). Check the files: `cd {base}/current && sha256sum -c --quiet SHA256SUMS`, or from the host

@@ -49,10 +49,11 @@ def export_onnx_cmd(model, output, exporter, opset, atol, greedy_tokens, target_
 @click.argument("model")
 @click.option("--target", "target_name", required=True, help="Target name, 'local', or a TOML path.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output artifact directory.")
-@click.option("--precision", type=click.Choice(("fp32", "int8", "int4")),
-              help="Weight precision [default: the fastest the target runs that this build can make].")
+@click.option("--precision", type=click.Choice(("fp32", "int8", "int4", "fp16", "bf16", "fp8")),
+              help="Weight precision [default: the fastest the target runs that this build can make; CUDA targets: "
+                   "bf16/fp16, int8/int4/fp8 weight-only on torch-cuda].")
 @click.option("--runtime", help="Runtime [default: the target's preferred].")
-@click.option("--int4-method", default="int4-rtn", show_default=True, help="int4 quantizer: int4-rtn | int4-gptq | int4-hqq.")
+@click.option("--int4-method", default="int4-rtn", show_default=True, help="int4 quantizer: int4-rtn | int4-gptq | int4-hqq | int4-awq | int4-gptq-kd.")
 @click.option("--group-size", default=32, show_default=True, help="int4 block size (input channels per scale).")
 @click.option("--exporter", type=click.Choice(("dynamo", "torchscript")), default="dynamo", show_default=True)
 @click.option("--builder", type=click.Choice(("auto", "edgepack", "genai")), default="auto", show_default=True,
@@ -60,11 +61,16 @@ def export_onnx_cmd(model, output, exporter, opset, atol, greedy_tokens, target_
                    "auto: genai for CPU int4 where it can build the model.")
 @click.option("--measure-tokens", default=32, show_default=True, help="Decode this many tokens to record speed (0 = skip).")
 @click.option("--threads", type=int, help="onnxruntime intra-op threads [default: physical cores].")
+@click.option("--max-context", default=0, show_default=True,
+              help="GPU runtimes: static KV cache / TensorRT profile length in tokens (0 = the model's, <= 4096).")
+@click.option("--max-batch", default=1, show_default=True, help="GPU runtimes: largest batch.")
+@click.option("--torch-compile/--no-torch-compile", default=True, show_default=True,
+              help="torch-cuda: torch.compile the decode step before capturing it in a CUDA graph.")
 @force_opt
 @trust_opt
 @json_opt
 def compile_cmd(model, target_name, output, precision, runtime, int4_method, group_size, exporter, builder,
-                measure_tokens, threads, force, trust_pickle, as_json):
+                measure_tokens, threads, max_context, max_batch, torch_compile, force, trust_pickle, as_json):
     """Compile MODEL into a runnable artifact for a target (CPU: onnxruntime, int4 MatMulNBits by default)."""
     from edgepack.artifact import check_output_dir, open_artifact
     from edgepack.config import build_config
@@ -73,8 +79,9 @@ def compile_cmd(model, target_name, output, precision, runtime, int4_method, gro
 
     cfg = build_config(CompileConfig, {"precision": precision, "runtime": runtime, "int4_method": int4_method,
                                        "group_size": group_size, "exporter": exporter, "builder": builder,
-                                       "measure_tokens": measure_tokens,
-                                       "threads": threads}, "compile")
+                                       "measure_tokens": measure_tokens, "threads": threads,
+                                       "max_context": max_context, "max_batch": max_batch,
+                                       "torch_compile": torch_compile}, "compile")
     target = load_target(target_name)
     src = open_artifact(model, trust_pickle=trust_pickle)
     choose_path(cfg, target, src.extra.get("precision", "fp32") if src.format == "onnx" else None)  # fail fast
@@ -90,7 +97,7 @@ def compile_cmd(model, target_name, output, precision, runtime, int4_method, gro
              f"{m['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in m else "-", f"{rec['seconds']:.1f}"]]
     print_table(f"compile for {target.name}: wrote {art.path}", ["runtime", "precision", "made by", "size",
                                                                  "decode tok/s", "seconds"], rows,
-                caption=m.get("note") or f"run it: edgepack generate {art.path} --prompt 'Once upon a time'")
+                caption=m.get("note") or m.get("speed_note") or f"run it: edgepack generate {art.path} --prompt 'Once upon a time'")
 
 
 @click.command("generate")

@@ -1,14 +1,15 @@
 """Stage `compile`: a runnable artifact for one target. The runtime and precision come from the target profile:
 
-    runtime    cfg.runtime, else the target's first-preferred runtime. Compile paths that exist: `onnxruntime`
-               (CPU; CUDA only where onnxruntime-gpu is installed). TensorRT / torch-cuda compile for GPU targets
-               belongs to the GPU runtimes and is refused here with the way out named.
+    runtime    cfg.runtime, else the target's first-preferred runtime: `onnxruntime` on CPUs (CUDA only where
+               onnxruntime-gpu is installed). CUDA targets go to deploy/gpu_compile.py: `torch-cuda` (static KV
+               cache + CUDA graph) on A100/H100 unless TensorRT and a GPU of the target's SM are here, and for
+               `engine_build = "device"` targets (Jetson) the ONNX plus a TensorRT build spec, built on the device.
     precision  cfg.precision, else the fastest the target lists that this build can make: int4 (ONNX MatMulNBits,
                accuracy_level 4 = int8 activations, the fast CPU kernel) when the `quantize` stage and its ONNX
                path exist, else fp32 (and the manifest says why).
 
     builder    "edgepack" (torch.onnx export, then the quantize stage) or "genai" (onnxruntime-genai's model
-               builder: fused GroupQueryAttention, int4 everywhere incl. lm_head; needs head_dim % 16 == 0).
+               builder: fused GroupQueryAttention, int4 body / int8 lm_head; needs head_dim % 16 == 0).
                "auto" (default) takes genai for int4 on a CPU where it is installed and the model fits it (measured
                2.8-3.7x the decode speed of our exported int4 graph on a 25M Llama), else edgepack; the manifest
                records the choice and why (`builder`, `builder_reason`, `extra.made_by`).
@@ -30,11 +31,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, link_files, stage_record
-from edgepack.errors import ConfigError, MissingDependency, UnsupportedOnTarget
+from edgepack.errors import ConfigError, MissingDependency, UnsupportedOnTarget, ValidationFailed
 
 COMPILE_RUNTIMES = ("onnxruntime",)  # runtimes this stage can build for
 QUANT_METHOD = {"int8": "int8"}  # precision -> quantize method; int4 uses cfg.int4_method
 PRECISION_ORDER = ("int4", "int8", "fp32")  # fastest first, for the default choice
+GPU_PRECISIONS = ("bf16", "fp16", "fp8")  # also accepted for CUDA targets (deploy/gpu_compile.py checks legality)
 BUILDERS = ("auto", "edgepack", "genai")
 
 
@@ -42,24 +44,30 @@ BUILDERS = ("auto", "edgepack", "genai")
 class CompileConfig:
     precision: str | None = None  # fp32 | int8 | int4; None = the fastest the target supports that this build makes
     runtime: str | None = None  # None = the target's preferred runtime
-    int4_method: str = "int4-rtn"  # quantize method for int4: int4-rtn | int4-gptq | int4-hqq
+    int4_method: str = "int4-rtn"  # quantize method for int4: int4-rtn | int4-gptq | int4-hqq | int4-gptq-kd
     group_size: int = 32  # int4: input channels per scale (MatMulNBits block size)
     accuracy_level: int = 4  # MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0 = unset
     exporter: str = "dynamo"  # builder "edgepack": torch.onnx exporter, dynamo | torchscript
     builder: str = "auto"  # auto | edgepack (torch.onnx export + quantize stage) | genai (onnxruntime-genai builder)
+    genai_options: tuple[str, ...] = ()  # genai int4: KEY=VALUE over deploy/genai_builder.py GENAI_INT4_DEFAULTS
     measure_tokens: int = 32  # greedy tokens decoded after compiling to record decode tokens/s; 0 = skip
     threads: int | None = None  # onnxruntime intra-op threads recorded for the runtime; None = physical cores
+    max_context: int = 0  # GPU runtimes: static KV cache / engine profile length, tokens; 0 = model's, at most 4096
+    max_batch: int = 1  # GPU runtimes: largest batch the static cache / TensorRT profiles allow
+    torch_compile: bool = True  # torch-cuda: torch.compile the decode step (cached under ~/.cache/edgepack)
 
     def validate(self) -> list[str]:
         errs = []
-        if self.precision not in (None, *PRECISION_ORDER):
-            errs.append(f"precision must be one of {', '.join(PRECISION_ORDER)}")
+        if self.precision not in (None, *PRECISION_ORDER, *GPU_PRECISIONS):
+            errs.append(f"precision must be one of {', '.join(PRECISION_ORDER + GPU_PRECISIONS)}")
         if not self.int4_method.startswith("int4-"):
             errs.append("int4_method must be an int4 quantize method (int4-rtn, int4-gptq, int4-hqq)")
         if self.measure_tokens < 0:
             errs.append("measure_tokens must be >= 0")
         if self.threads is not None and self.threads < 1:
             errs.append("threads must be >= 1")
+        if self.max_context < 0 or self.max_batch < 1:
+            errs.append("max_context must be >= 0 (0 = the model's) and max_batch >= 1")
         if self.builder not in BUILDERS:
             errs.append(f"builder must be one of {', '.join(BUILDERS)}")
         return errs
@@ -76,6 +84,12 @@ def choose_path(cfg: CompileConfig, target, src_precision: str | None = None) ->
     """{runtime, precision, device, note}: every decision compile makes, before any weights load."""
     if target is None:
         raise ConfigError("compile needs a target", "pass --target (e.g. cpu-x86-64, or 'local' for this machine)")
+    if target.has_cuda and cfg.runtime != "onnxruntime":
+        from edgepack.deploy.gpu_compile import choose_gpu_path
+
+        gpu = choose_gpu_path(cfg, target, src_precision)
+        if gpu is not None:
+            return gpu
     runtime = cfg.runtime or target.runtimes[0]
     if not target.supports(runtime=runtime):
         raise UnsupportedOnTarget(f"target '{target.name}' does not run '{runtime}'",
@@ -149,12 +163,14 @@ def resolve_builder(cfg: CompileConfig, src: Artifact, path: dict) -> tuple[str,
     if importlib.util.find_spec("onnxruntime_genai") is None:
         return "edgepack", "onnxruntime-genai is not installed (pip install 'edgepack[genai]' for the faster int4 path)"
     from edgepack.artifact import read_model_config
-    from edgepack.deploy.genai_builder import GQA_HEAD_MULTIPLE
+    from edgepack.deploy.genai_builder import GQA_HEAD_MULTIPLE, vocab_width_clash
 
     mc = read_model_config(src.path)
     head_dim = mc.get("head_dim") or mc["hidden_size"] // mc["num_attention_heads"]
     if head_dim % GQA_HEAD_MULTIPLE:
         return "edgepack", f"head_dim {head_dim} is not a multiple of {GQA_HEAD_MULTIPLE} (genai's CPU attention)"
+    if vocab_width_clash(mc):  # genai's builder would take that Linear for lm_head
+        return "edgepack", f"{', '.join(vocab_width_clash(mc))} == vocab_size: genai's builder would misread lm_head"
     return "genai", "int4 on a CPU: the onnxruntime-genai build decodes fastest"
 
 
@@ -177,10 +193,18 @@ def compile_stage(src: Artifact, cfg: CompileConfig, target, out: Path, *, force
 
     cfg = build_config(CompileConfig, asdict(cfg), "compile")
     src_precision = src.extra.get("precision", "fp32") if src.format == "onnx" else None
-    if src.format not in ("hf", "onnx"):
-        raise ConfigError(f"compile reads Hugging Face checkpoints or 'onnx' artifacts, not '{src.format}'",
-                          "pass the model directory or an exported ONNX artifact")
+    if src.format not in ("hf", "onnx", "torch-quant"):
+        raise ConfigError(f"compile reads Hugging Face checkpoints, 'onnx' or 'torch-quant' artifacts, not "
+                          f"'{src.format}'", "pass the model directory or an exported ONNX artifact")
+    if src.format == "torch-quant":  # calibrated weights from `quantize --format torch`: the GPU runtimes run them
+        from edgepack.deploy.gpu_compile import torch_quant_precision
+
+        cfg = dataclasses.replace(cfg, precision=torch_quant_precision(src, cfg.precision, target))
     path = choose_path(cfg, target, src_precision)
+    if path["runtime"] in ("torch-cuda", "tensorrt"):
+        from edgepack.deploy.gpu_compile import compile_gpu
+
+        return compile_gpu(src, cfg, path, target, out, force=force)
     builder, why = resolve_builder(cfg, src, path)
     genai = builder == "genai"
     if genai:
@@ -203,8 +227,8 @@ def compile_stage(src: Artifact, cfg: CompileConfig, target, out: Path, *, force
                 from edgepack.deploy.genai_builder import build_genai
 
                 made = build_genai(src.path, w.path, path["precision"], accuracy_level=cfg.accuracy_level,
-                                   block_size=cfg.group_size)
-                metrics.update(parity_vs_source(src, w.path, made))
+                                   block_size=cfg.group_size, options=cfg.genai_options)
+                metrics.update(check_parity(parity_vs_source(src, w.path, made), path["precision"]))
             else:
                 link_files(base, w.path)
                 made = base.extra
@@ -220,6 +244,21 @@ def compile_stage(src: Artifact, cfg: CompileConfig, target, out: Path, *, force
             rec = stage_record("compile", asdict(cfg), time.perf_counter() - t0, metrics, target=target.name,
                                parent=src.digest())
             return w.commit(format="onnx", record=rec, parent=base or src, base_model=src.base_model, extra=extra)
+
+
+# Lowest logit SQNR (dB, fixed probe) a graph built outside our export may have against the PyTorch source. Far
+# below what a correct build gives (fp32 ~130 dB; int4 25-45 dB on pretrained models, >= 10 dB even on random
+# weights), far above what a wrongly wired graph gives (genai taking a vocab-wide decoder matrix for lm_head: 3 dB).
+MIN_PARITY_SQNR_DB = {"fp32": 40.0, "fp16": 30.0, "int8": 10.0, "int4": 5.0}
+
+
+def check_parity(parity: dict, precision: str) -> dict:
+    floor = MIN_PARITY_SQNR_DB.get(precision, 5.0)
+    if parity["sqnr_db"] < floor:
+        raise ValidationFailed(f"the built {precision} graph's logits are {parity['sqnr_db']} dB SQNR from the "
+                               f"PyTorch model (floor {floor} dB): the graph is wrong, not just quantized",
+                               "compile with builder = \"edgepack\" (our validated export), and report the model")
+    return {**parity, "min_sqnr_db": floor}
 
 
 def parity_vs_source(src: Artifact, onnx_dir: Path, extra: dict) -> dict:

@@ -8,7 +8,8 @@ logits, present.N.key/value; no position_ids), so `OrtRuntime` runs it as it is.
 
 Limits, checked before building: the CPU GroupQueryAttention kernel needs head_dim to be a multiple of 16 (so
 stories260K, head_dim 8, cannot use it); the builder offers fp32 / fp16 / bf16 / int4, not int8.
-The artifact records `made_by = "onnxruntime-genai builder <version>"` and the builder's options.
+The artifact records `made_by = "onnxruntime-genai builder <version>"` and the builder's options. At int4 our
+defaults (GENAI_INT4_DEFAULTS) keep the embedding fp32 and lm_head int8 and use k_quant for the body.
 """
 
 from __future__ import annotations
@@ -22,6 +23,41 @@ from edgepack.errors import ConfigError, MissingDependency, UnsupportedOnTarget,
 
 GENAI_PRECISIONS = {"fp32": "fp32", "int4": "int4"}  # edgepack precision -> builder -p
 GQA_HEAD_MULTIPLE = 16  # onnxruntime CPU GroupQueryAttention: "head_size shall be a multiple of 16"
+# The builder's int4 defaults (RTN, 4 bits everywhere incl. lm_head and the embedding Gather) cost too much quality:
+# logit SQNR -2.9 dB on a random 25M Llama, against 9.2 dB for llama.cpp Q4_0. Ours by default: the embedding stays
+# fp32 (a Gather, free at decode), lm_head at int8 (the most output-sensitive matrix, as llama.cpp's Q6_K output),
+# the body int4 with k_quant's scale search. Chosen by bench/cpu_vs_llamacpp.py (see the README table).
+# Option names as onnxruntime-genai 0.18 reads them: its help calls the old int4_-prefixed names (int4_block_size,
+# int4_accuracy_level, ...) deprecated aliases, but its parser ignores them silently (checked: block 128 built 32).
+GENAI_INT4_DEFAULTS = {"op_types_to_quantize": "MatMul", "algo_config": "k_quant",
+                       "matmul_mixed_precision": "last_matmul:int8"}
+
+
+def builder_options(precision: str, accuracy_level: int = 4, block_size: int = 32,
+                    overrides: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The builder's --extra_options as KEY=VALUE strings: accuracy level and block size, then GENAI_INT4_DEFAULTS,
+    then `overrides` ("KEY=VALUE" replaces or adds a key, "KEY=" drops it; "builder-defaults" first drops every
+    default of ours, leaving the builder's own). fp32 takes no quantization options."""
+    if precision != "int4":
+        if overrides:
+            raise ConfigError(f"genai builder options apply to int4 only, not {precision}",
+                              "drop the genai options or compile at int4")
+        return []
+    opts = {"accuracy_level": str(accuracy_level), "block_size": str(block_size), **GENAI_INT4_DEFAULTS}
+    for item in overrides:
+        if item == "builder-defaults":
+            for key in GENAI_INT4_DEFAULTS:
+                opts.pop(key, None)
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"genai builder option '{item}' is not KEY=VALUE",
+                              "write e.g. algo_config=rtn, matmul_mixed_precision=, or builder-defaults")
+        if value:
+            opts[key.strip()] = value
+        else:
+            opts.pop(key.strip(), None)
+    return [f"{k}={v}" for k, v in opts.items()]
 
 
 def genai_version() -> str:
@@ -31,6 +67,17 @@ def genai_version() -> str:
         return metadata.version("onnxruntime-genai")
     except metadata.PackageNotFoundError:
         raise MissingDependency("onnxruntime_genai", "genai", "the onnxruntime-genai model builder path") from None
+
+
+def vocab_width_clash(model_config: dict) -> list[str]:
+    """Decoder matrices as wide as the vocabulary. The builder takes every nn.Linear with out_features == vocab_size
+    for lm_head (builders/base.py has_lm_head), so such a model gets its logits wired to the wrong tensor (seen: MLP
+    512 = vocab 512 -> logit SQNR 3 dB against PyTorch, even at fp32)."""
+    heads = model_config["num_attention_heads"]
+    head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
+    widths = {"hidden_size": model_config["hidden_size"], "intermediate_size": model_config.get("intermediate_size"),
+              "q_proj": heads * head_dim, "k_proj/v_proj": model_config.get("num_key_value_heads", heads) * head_dim}
+    return [k for k, v in widths.items() if v == model_config["vocab_size"]]
 
 
 def check_genai(model_config: dict, precision: str) -> None:
@@ -45,9 +92,16 @@ def check_genai(model_config: dict, precision: str) -> None:
         raise UnsupportedOnTarget(
             f"onnxruntime's CPU GroupQueryAttention needs head_dim to be a multiple of {GQA_HEAD_MULTIPLE}; "
             f"this model's is {head_dim}", "use builder = \"edgepack\" (torch.onnx export) for this model")
+    clash = vocab_width_clash(model_config)
+    if clash:
+        raise UnsupportedOnTarget(
+            f"the onnxruntime-genai builder mistakes a Linear of out_features == vocab_size "
+            f"({model_config['vocab_size']}) for lm_head; this model's {', '.join(clash)} is that wide",
+            "use builder = \"edgepack\" (torch.onnx export) for this model")
 
 
-def build_genai(src_dir: Path, dst: Path, precision: str, *, accuracy_level: int = 4, block_size: int = 32) -> dict:
+def build_genai(src_dir: Path, dst: Path, precision: str, *, accuracy_level: int = 4, block_size: int = 32,
+                options: tuple[str, ...] | list[str] = ()) -> dict:
     """Run the builder into dst (model.onnx + model.onnx.data + genai_config.json + tokenizer); return `extra`."""
     from edgepack.artifact import read_model_config
     from edgepack.hf import copy_tokenizer
@@ -56,7 +110,7 @@ def build_genai(src_dir: Path, dst: Path, precision: str, *, accuracy_level: int
     check_genai(cfg, precision)
     dst.mkdir(parents=True, exist_ok=True)
     cache = dst.parent / f".{dst.name}.genai-cache"
-    options = [f"int4_accuracy_level={accuracy_level}", f"int4_block_size={block_size}"] if precision == "int4" else []
+    options = builder_options(precision, accuracy_level, block_size, options)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src_dir), "-o", str(dst),
            "-p", GENAI_PRECISIONS[precision], "-e", "cpu", "-c", str(cache)]
     if options:

@@ -84,6 +84,8 @@ def generate(runtime, input_ids, cfg: GenerationConfig, on_token=None, sync=None
     errs = cfg.validate()
     if errs:
         raise ConfigError("generation settings: " + "; ".join(errs), "fix the values named")
+    if hasattr(runtime, "generate_on_device"):  # GPU runtimes (torch-cuda) sample where the logits are
+        return runtime.generate_on_device(input_ids, cfg, on_token=on_token, sync=sync)
     ids = np.asarray(input_ids, dtype=np.int64)
     if ids.ndim == 1:
         ids = ids[None]

@@ -67,6 +67,9 @@ class OrtRuntime:
                                 "(input_ids, past_key_values.N.key/value)", "re-export it with 'edgepack export onnx'")
         self.has_mask, self.has_positions = "attention_mask" in ins, "position_ids" in ins
         self.kv_dtype = _NP_DTYPES.get(ins[self.past_names[0]].type, np.float32)
+        # fp16 graphs (the Jetson / TensorRT export) return fp16 logits: bind buffers of the graph's own type
+        outs = {o.name: o for o in self.session.get_outputs()}
+        self.logits_dtype = _NP_DTYPES.get(outs["logits"].type, np.float32) if "logits" in outs else np.float32
         self.kv_heads, self.head_dim, self.vocab = extra["num_kv_heads"], extra["head_dim"], extra["vocab_size"]
         self.max_length = int(max_length or min(extra.get("max_positions") or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH))
         self.io_binding = io_binding
@@ -127,7 +130,7 @@ class OrtRuntime:
         n = batch * self.kv_heads * self.max_length * self.head_dim
         if self._bufs is None or self._batch != batch:
             self._bufs = np.zeros((1 if self.share_buffer else 2, len(self.past_names), n), self.kv_dtype)
-            self._decode_logits = np.empty((batch, 1, self.vocab), np.float32)
+            self._decode_logits = np.empty((batch, 1, self.vocab), self.logits_dtype)
             self._batch = batch
             self._binding = self.session.io_binding()
             if self.share_buffer:  # bound once: GQA writes position `past` of the same buffer it reads
@@ -156,9 +159,9 @@ class OrtRuntime:
         bind = self._binding
         for name, value in feeds.items():
             bind.bind_cpu_input(name, value)
-        logits = self._decode_logits if s == 1 else np.empty((b, s, self.vocab), np.float32)
+        logits = self._decode_logits if s == 1 else np.empty((b, s, self.vocab), self.logits_dtype)
         if self.share_buffer:
-            bind.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            bind.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
             self.session.run_with_iobinding(bind)
             self._past_len = total
             return logits[:, -1].astype(np.float32, copy=True)
@@ -170,7 +173,7 @@ class OrtRuntime:
                 bind.bind_input(name, "cpu", 0, et, [b, self.kv_heads, past, self.head_dim], src[j].ctypes.data)
         for j, name in enumerate(self.present_names):
             bind.bind_output(name, "cpu", 0, et, [b, self.kv_heads, total, self.head_dim], dst[j].ctypes.data)
-        bind.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        bind.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(bind)
         self._cur, self._past_len = 1 - self._cur, total
         return logits[:, -1].astype(np.float32, copy=True)

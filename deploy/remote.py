@@ -111,17 +111,21 @@ def remote_prepare(remote: Remote, dest: str = DEFAULT_DEST, *, remote_python: s
     want = m.get("edgepack_version")
     steps.append(["edgepack", "ok" if got[0] == want else "VERSION DIFFERS", f"device {got[0]}, bundle made by {want}"])
     target = m.get("target") or {}
-    needs_engine = m.get("runtime") == "tensorrt" and target.get("engine_build") == "device"
+    prebuilt = ((m.get("artifact") or {}).get("extra") or {}).get("engine_sm") is not None
+    needs_engine = m.get("runtime") == "tensorrt" and (target.get("engine_build") == "device" or not prebuilt)
     if needs_engine:
         # the engine is built by the device's own edgepack from the bundle's ONNX + build spec, cached by
-        # (TensorRT version, SM) inside the release so a rollback keeps its own engine
-        r = remote.run(f"{ep} compile {d}/current/artifact --runtime tensorrt --target local "
-                       f"-o {d}/current/engine --json", check=False, timeout=3600)
+        # (TensorRT version, SM) in the release's engine-cache/ so a rollback keeps its own engine
+        rel = f"releases/{state['current']}"
+        r = remote.run(f"{ep} device prepare {d}/{rel} --json", check=False, timeout=3600)
         if r.returncode != 0:
             raise RemoteError(f"{remote.spec}: building the TensorRT engine on the device failed "
-                              f"({r.stderr.decode(errors='replace').strip().splitlines()[-1:]})",
-                              "check that JetPack's TensorRT Python bindings are visible to the device's edgepack")
-        steps.append(["tensorrt engine", "built on the device", f"{dest}/current/engine"])
+                              f"({' '.join(r.stderr.decode(errors='replace').strip().splitlines()[-1:])})",
+                              "check that JetPack's TensorRT Python bindings are visible to the device's edgepack "
+                              "(the error names the trtexec command that builds the same engine by hand)")
+        lines = [ln for ln in r.stdout.decode(errors="replace").splitlines() if ln.startswith("{")]
+        built = json.loads(lines[-1])["steps"][-1] if lines else ["tensorrt engine", "built", ""]
+        steps.append([built[0], f"{built[1]} on the device", f"{dest}/{rel}/{built[2]}"])
     else:
         steps.append(["engine build", "not needed", f"runtime {m.get('runtime')} runs the artifact as shipped"])
     return {"host": remote.spec, "bundle_id": state["current"], "steps": steps}

@@ -44,6 +44,8 @@ RUNTIMES: dict[str, str] = {
     "hf": "edgepack.deploy.torch_runtime:open_hf_baseline",
     "onnxruntime": "edgepack.deploy.ort_runtime:open_ort_runtime",
     "torch-quant": "edgepack.compress.quant_torch:open_torch_quant_runtime",
+    "torch-cuda": "edgepack.deploy.torch_cuda:open_torch_cuda_runtime",
+    "tensorrt": "edgepack.deploy.tensorrt_runtime:open_tensorrt_runtime",
 }
 
 # artifact format -> the runtime that runs it by default

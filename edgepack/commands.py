@@ -21,10 +21,17 @@ HEADLINE = (("perplexity", "ppl"), ("ppl_before", "ppl before"), ("ppl_after", "
 
 def headline(metrics: dict) -> str:
     parts = []
+    pred = (metrics or {}).get("prediction") if (metrics or {}).get("measured") is False else None
     for key, label in HEADLINE:
-        if key in (metrics or {}):
+        if pred and key == "decode_tokens_per_s" and pred.get("decode_tokens_per_s_upper_bound"):
+            parts.append(f"PREDICTED decode tok/s <= {fmt_num(pred['decode_tokens_per_s_upper_bound'])} (roofline)")
+        elif key in (metrics or {}):
             v = metrics[key]
             parts.append(f"{label} {fmt_bytes(v) if key == 'bytes' else fmt_num(v)}")
+    if (metrics or {}).get("bundle_id"):
+        fit = metrics.get("fit") or {}
+        verdict = "" if not fit else (", fits (predicted)" if fit.get("fits") else ", DOES NOT FIT (predicted)")
+        parts.append(f"bundle {metrics['bundle_id']} {fmt_bytes(metrics.get('bundle_bytes', 0))}{verdict}")
     return ", ".join(parts) or "-"
 
 
@@ -108,8 +115,10 @@ def _json_file(p: Path) -> dict:
 @click.option("--context", default=2048, show_default=True, help="Context length in tokens (prompt + generated).")
 @click.option("--batch", default=1, show_default=True, help="Concurrent sequences.")
 @click.option("--group-size", default=128, show_default=True, help="Quantization group size for int4/nf4 scales.")
+@click.option("--runtime", type=click.Choice(("onnxruntime", "torch-cpu", "torch-cuda", "tensorrt")),
+              help="Runtime whose fixed memory cost to count (measured for onnxruntime on CPUs; default: torch's).")
 @json_opt
-def fit_cmd(model, target_name, precision, context, batch, group_size, as_json):
+def fit_cmd(model, target_name, precision, context, batch, group_size, runtime, as_json):
     """Does MODEL fit a target? Reads only config.json (works for a 70B config on a laptop)."""
     from edgepack.targets import list_targets, load_target
     from edgepack.targets.fit import fit, model_shape
@@ -127,7 +136,7 @@ def fit_cmd(model, target_name, precision, context, batch, group_size, as_json):
                 if not t.supports(precision=p):
                     row.append("n/a")
                     continue
-                r = fit(cfg, t, p, context, batch, group_size)
+                r = fit(cfg, t, p, context, batch, group_size, runtime=runtime)
                 reports.append(r.to_dict())
                 row.append(f"{'fits' if r.fits else 'NO'} {r.required_bytes / 2**30:.1f}G {r.decode_tokens_per_s_limit:,.0f}t/s")
             rows.append(row)
@@ -141,7 +150,7 @@ def fit_cmd(model, target_name, precision, context, batch, group_size, as_json):
         return
     t = load_target(target_name)
     prec = precision or ("fp16" if t.supports(precision="fp16") else "fp32")
-    r = fit(cfg, t, prec, context, batch, group_size)
+    r = fit(cfg, t, prec, context, batch, group_size, runtime=runtime)
     if as_json:
         emit_json(r.to_dict())
         return
@@ -267,7 +276,8 @@ def _run_and_report(r, dry_run: bool, as_json: bool):
         return results
     cols = ["#", "stage", "target", "status", "seconds", "metrics" if not dry_run else "config", "output"]
     rows = [[str(x.index), x.kind, x.target or "(shared)", x.status, f"{x.seconds:.1f}",
-             headline(x.metrics) if not dry_run else ", ".join(f"{k}={v}" for k, v in x.metrics.items()) or "defaults",
+             (x.metrics.get("skipped", "") if x.status == "skipped" else headline(x.metrics) if not dry_run
+              else ", ".join(f"{k}={v}" for k, v in x.metrics.items()) or "defaults"),
              Path(x.path).name] for x in results]
     print_table(f"recipe {r.name}" + (" (dry run: nothing executed)" if dry_run else ""), cols, rows)
     return results
@@ -278,7 +288,9 @@ def _run_and_report(r, dry_run: bool, as_json: bool):
 @click.option("--workdir", type=click.Path(), default="edgepack-runs/demo", show_default=True)
 @json_opt
 def demo_cmd(workdir, as_json):
-    """The main job on an embedded default, offline: the packaged demo recipe on the embedded stories260K model."""
+    """The main job on an embedded default, offline: the packaged demo recipe (fine-tune, prune, distill, then per
+    target quantize, compile, bench, bundle) on the embedded stories260K model, a report, and text from the CPU
+    bundle."""
     from edgepack.plan import embedded_path, load_recipe
 
     recipe = embedded_path("demo.toml")
@@ -287,31 +299,28 @@ def demo_cmd(workdir, as_json):
         click.echo(
             "edgepack demo: offline, on the embedded default model 'stories260K' -- Karpathy's real pretrained\n"
             "260K-parameter Llama (5 layers, hidden 64, vocab 512) trained on TinyStories, shipped inside the package\n"
-            "(MIT). It is tiny so that the whole chain runs in seconds on a CPU; point 'edgepack run' at a recipe with\n"
-            "your own checkpoint for real work. Recipe: " + str(recipe))
+            "(MIT). It is tiny so that the whole chain runs in about a minute on a CPU; point 'edgepack run' at a recipe\n"
+            "with your own checkpoint for real work (examples/). Recipe: " + str(recipe))
     results = _run_and_report(r, False, as_json)
+    from edgepack.bench.run_report import summary_rows, write_report
+
+    reports = [write_report(r.workdir, r.workdir / name)["written"] for name in ("report.html", "report.md")]
+    cpu = next((t.name for t in r.targets if t.device_type == "cpu"), None)
+    bundle = next((Path(x.path) / "bundle" for x in results if x.kind == "bundle" and x.target == cpu), None)
     if as_json:
+        emit_json({"recipe": r.name, "workdir": str(r.workdir), "steps": [vars(x) for x in results],
+                   "reports": [p for w in reports for p in w], "cpu_bundle": str(bundle) if bundle else None})
         return
-    from edgepack.artifact import open_artifact
-    from edgepack.deploy.cli import generate_cmd
+    from edgepack.bench.run_report import build_report
 
-    final = open_artifact(results[-1].path)
-    _fit_summary(open_artifact(results[0].path))
-    click.echo(f"\nThe compiled {final.extra.get('precision', '')} {final.extra.get('runtime', final.format)} artifact "
-               "generates (greedy, 64 tokens):")
-    click.get_current_context().invoke(generate_cmd, artifact=str(final.path), prompt="Once upon a time",
-                                       max_new_tokens=64)
-    click.echo(f"\nNext: 'edgepack inspect {final.path}' shows the lineage; a re-run of 'make demo' does no work.")
+    print_table("per target: bundle, fit, quality, speed", *summary_rows(build_report(r.workdir)),
+                caption="speed: measured where this machine is the target, else PREDICTED (roofline upper bound)")
+    click.echo("report: " + ", ".join(p for w in reports for p in w))
+    if bundle is not None:
+        from edgepack.deploy.cli import generate_cmd
 
-
-def _fit_summary(art):
-    from edgepack.artifact import read_model_config
-    from edgepack.targets import load_target
-    from edgepack.targets.fit import fit
-
-    cfg = read_model_config(art.path)
-    rows = []
-    for name, prec in (("cpu-x86-64", "fp32"), ("cpu-x86-64", "int4"), ("jetson-orin-nano-4gb", "int4"), ("h100-sxm", "fp16")):
-        r = fit(cfg, load_target(name), prec, context=512)
-        rows.append([name, prec, fmt_bytes(r.required_bytes), "fits" if r.fits else "NO", f"{r.decode_tokens_per_s_limit:,.0f}"])
-    print_table("where this model fits (context 512)", ["target", "precision", "required", "verdict", "decode limit tok/s (roofline)"], rows)
+        click.echo(f"\nThe {cpu} bundle ({bundle}) generates (greedy, 64 tokens):")
+        click.get_current_context().invoke(generate_cmd, artifact=str(bundle / "artifact"), prompt="Once upon a time",
+                                           max_new_tokens=64)
+    click.echo(f"\nNext: open {reports[0][0]}; 'edgepack push {bundle} HOST' ships a bundle; a re-run of "
+               "'make demo' does no work.")

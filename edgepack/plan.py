@@ -2,7 +2,7 @@
 
     [recipe]
     name = "small"
-    model = "../shared/models/stories260K"   # HF checkpoint dir or artifact; or "embedded:stories260K"
+    model = "../shared/models/stories260K"   # HF checkpoint dir or artifact; "embedded:stories260K"; or a hub id
     targets = ["cpu-x86-64"]                 # names or paths to target TOMLs
     workdir = "runs/small"                   # optional; default ./edgepack-runs/<name>
 
@@ -14,6 +14,17 @@
     kind = "eval"
     text = "../shared/data/tinystories-valid-sample.txt"
 
+A target-specific stage may override its settings for one target (a table under the stage, keyed by target name):
+
+    [[stages]]
+    kind = "quantize"
+    method = "auto"                          # fp8 where the GPU has it, else int4-gptq, else int8
+    [stages.per_target.jetson-orin-nano-8gb]
+    method = "int8"
+
+`skip = "why"` in such a table leaves the stage out for that target (the artifact passes on unchanged); run.json
+records the step as "skipped" with the reason, so a report can say why a target has no such stage.
+
 Relative paths resolve against the recipe file's folder. Each stage's output directory is named by a hash of
 (input artifact digest, stage kind and version, config with file contents hashed, target profile), so an
 interrupted run resumes where it stopped and a repeated run does no work. Stages before the first per-target
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +61,39 @@ def embedded_path(name: str) -> Path:
     return p
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]  # never pickles (*.bin, *.pt)
+
+
+def resolve_model(value: str, base: Path) -> Path | str:
+    """A local path (relative to the recipe), else a Hugging Face hub id ("org/name") kept as text: it is fetched
+    when the run starts (fetch_model), never when a recipe is loaded or dry-run."""
+    p = resolve_path(value, base)
+    return value if (not p.exists() and _HUB_ID.match(value) and not value.startswith(".")) else p
+
+
+def is_hub_id(model) -> bool:
+    return isinstance(model, str)
+
+
+def fetch_model(model) -> Path:
+    """The local directory of the recipe's model: a hub id is downloaded (safetensors, configs, tokenizer only) into
+    the Hugging Face cache, or found there offline (HF_HUB_OFFLINE=1)."""
+    if not is_hub_id(model):
+        return model
+    from huggingface_hub import snapshot_download  # a dependency of transformers
+
+    from edgepack.errors import EdgepackError
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=HUB_FILES))
+    except Exception as exc:  # network, auth (gated models), offline cache miss: one line for the user
+        raise EdgepackError(f"cannot fetch '{model}' from the Hugging Face hub ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]})",
+                            "check the id and your network; gated models (Llama) need 'huggingface-cli login' "
+                            "and an accepted licence; or set model to a local checkpoint directory") from None
+
+
 def resolve_path(value: str, base: Path) -> Path:
     if value.startswith(EMBEDDED_PREFIX):
         return embedded_path(value[len(EMBEDDED_PREFIX):])
@@ -62,12 +107,18 @@ class Step:
     spec: StageSpec
     config: object
     raw: dict  # config as written, for --dry-run
+    per_target: dict = field(default_factory=dict)  # target name -> (config, raw) overriding the above
+    skip: dict = field(default_factory=dict)  # target name -> why this stage does not run for it
+
+    def for_target(self, target) -> tuple[object, dict]:
+        name = getattr(target, "name", None)
+        return self.per_target.get(name, (self.config, self.raw))
 
 
 @dataclass
 class Recipe:
     name: str
-    model: Path
+    model: Path | str  # a hub id stays a string until the run fetches it
     targets: list  # Target objects
     workdir: Path
     steps: list[Step]
@@ -109,19 +160,48 @@ def load_recipe(path, workdir: Path | None = None, data: dict | None = None) -> 
             raise ConfigError(f"{path}: stage {i + 1} has no 'kind'", "add kind = \"convert\" (or another stage)")
         spec = get_stage(kind)
         cls = spec.config_class()
+        overrides = raw.pop("per_target", {})
+        where = f"{path}: stage {i + 1} ({kind})"
+        if overrides and (not spec.per_target or not isinstance(overrides, dict)):
+            raise ConfigError(f"{where}: per_target needs a target-specific stage and a table per target name",
+                              "per-target settings exist for quantize, compile, bench, bundle")
+        names = [t.name for t in targets]
+        bad = [n for n in overrides if n not in names]
+        if bad:
+            raise ConfigError(f"{where}: per_target names '{bad[0]}', which is not among the recipe's targets"
+                              f"{did_you_mean(bad[0], names)}", f"targets: {', '.join(names)}")
         for key in path_fields(cls):
-            if raw.get(key):
-                raw[key] = str(resolve_path(raw[key], base))
-        steps.append(Step(i + 1, spec, build_config(cls, raw, f"{path}: stage {i + 1} ({kind})"), raw))
+            for table in (raw, *overrides.values()):
+                if isinstance(table, dict) and table.get(key):
+                    table[key] = str(resolve_path(table[key], base))
+        per, skip = {}, {}
+        for tname, extra in overrides.items():
+            if not isinstance(extra, dict):
+                raise ConfigError(f"{where}: per_target.{tname} must be a table of settings", "see README Recipes")
+            extra = dict(extra)
+            why = extra.pop("skip", None)
+            if why:
+                skip[tname] = why if isinstance(why, str) else "skipped for this target by the recipe"
+            merged = {**raw, **extra}
+            per[tname] = (build_config(cls, merged, f"{where} for {tname}"), merged)
+        steps.append(Step(i + 1, spec, build_config(cls, raw, where), raw, per, skip))
     wd = workdir or (resolve_path(head["workdir"], base) if "workdir" in head else Path("edgepack-runs") / name)
-    return Recipe(name=name, model=resolve_path(head["model"], base), targets=targets, workdir=Path(wd).absolute(),
+    return Recipe(name=name, model=resolve_model(str(head["model"]), base), targets=targets, workdir=Path(wd).absolute(),
                   steps=steps, source=str(path), trust_pickle=bool(head.get("trust_pickle", False)),
                   description=str(head.get("description", "")))
 
 
+def chain_digest(step_hash_hex: str, files_digest_hex: str) -> str:
+    """What the next step is keyed on: the step that made the artifact AND its files. Files alone are not enough:
+    a stage that only adds evidence (bench links the model files and records measurements) leaves them unchanged,
+    so a re-measured bench must still give its bundle a new key."""
+    return hashlib.sha256(f"{step_hash_hex}\0{files_digest_hex}".encode()).hexdigest()
+
+
 def step_hash(parent_digest: str, step: Step, target) -> str:
-    cfg = asdict(step.config)
-    for key in path_fields(type(step.config)):  # the content of a data file, not its path, decides the output
+    config = step.for_target(target)[0]
+    cfg = asdict(config)
+    for key in path_fields(type(config)):  # the content of a data file, not its path, decides the output
         if cfg.get(key):
             p = Path(cfg[key])
             cfg[key] = {"name": p.name, "sha256": sha256_file(p) if p.is_file() else "missing"}
@@ -136,7 +216,7 @@ class StepResult:
     kind: str
     target: str | None
     path: str
-    status: str  # ran | cached | planned
+    status: str  # ran | cached | planned | skipped (path: the artifact passed on)
     seconds: float
     metrics: dict = field(default_factory=dict)
 
@@ -151,7 +231,10 @@ def _branches(recipe: Recipe):
 
 def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[StepResult]:
     """Fold the model through the stages. on_step(StepResult) is called after each step (for live output)."""
-    src = open_artifact(recipe.model, trust_pickle=recipe.trust_pickle)
+    if dry_run and is_hub_id(recipe.model):  # nothing is downloaded for a dry run
+        src = Artifact(Path(recipe.model), {"format": "hf", "base_model": recipe.model, "history": []}, False)
+    else:
+        src = open_artifact(fetch_model(recipe.model), trust_pickle=recipe.trust_pickle)
     recipe.workdir.mkdir(parents=True, exist_ok=True) if not dry_run else None
     shared, rest = _branches(recipe)
     results: list[StepResult] = []
@@ -159,22 +242,32 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[S
     def fold(art: Artifact, steps: list[Step], target, subdir: Path) -> Artifact:
         digest = art.digest() if not dry_run or art.path.exists() else "planned"
         for step in steps:
+            if step.spec.per_target and target is not None and target.name in step.skip:
+                res = StepResult(step.index, step.spec.kind, target.name, str(art.path), "skipped", 0.0,
+                                 {"skipped": step.skip[target.name]})
+                results.append(res)
+                if on_step and not dry_run:
+                    on_step(res)
+                continue
             h = step_hash(digest, step, target if step.spec.per_target else None)
             out = subdir / f"{step.index:02d}-{step.spec.kind}-{h[:12]}"
             tname = target.name if (target is not None and step.spec.per_target) else None
             if dry_run:
                 res = StepResult(step.index, step.spec.kind, tname, str(out),
-                                 "cached" if (out / MANIFEST_NAME).is_file() else "planned", 0.0, dict(step.raw))
+                                 "cached" if (out / MANIFEST_NAME).is_file() else "planned", 0.0,
+                                 dict(step.for_target(target)[1] if step.spec.per_target else step.raw))
                 results.append(res)
-                digest = h  # stand-in: later hashes in a dry run only need to be distinct
+                # a cached step gives the real chained digest (so later cached steps show as cached); else a stand-in
+                digest = chain_digest(h, open_artifact(out).digest()) if res.status == "cached" else h
                 continue
             t0 = time.perf_counter()
             if (out / MANIFEST_NAME).is_file():
                 art, status = open_artifact(out), "cached"
             else:
-                art = step.spec.function()(art, step.config, target if step.spec.per_target else None, out, force=True)
+                cfg = step.for_target(target)[0] if step.spec.per_target else step.config
+                art = step.spec.function()(art, cfg, target if step.spec.per_target else None, out, force=True)
                 status = "ran"
-            digest = art.digest()
+            digest = chain_digest(h, art.digest())
             res = StepResult(step.index, step.spec.kind, tname, str(out), status, round(time.perf_counter() - t0, 2),
                              (art.history[-1].get("metrics") if art.history else {}) or {})
             results.append(res)

@@ -45,13 +45,16 @@ REGISTRY: dict[str, StageSpec] = {
     "quantize": StageSpec("quantize", "edgepack.compress.quantize:QuantizeConfig", "edgepack.compress.quantize:quantize",
                           True, "int8 / int4 (rtn, gptq, hqq) / nf4 / fp8 weights, onnx or torch; ppl before/after, SQNR"),
     "bench": StageSpec("bench", "edgepack.bench.run:BenchConfig", "edgepack.bench.stage:bench_stage", True,
-                       "measure tokens/s, latency, peak memory and bandwidth use on this machine; record them"),
+                       "measure tokens/s, latency, peak memory and bandwidth use where this machine is the target; "
+                       "else record the roofline prediction (measured: false)", version=3),  # 3: measured in a fresh process
     "prune": StageSpec("prune", "edgepack.compress.prune:PruneConfig", "edgepack.compress.prune:prune", False,
                        "prune weights (magnitude/wanda/sparsegpt/2:4) or layers/channels (depth/width); ppl before/after"),
     "distill": StageSpec("distill", "edgepack.compress.distill:DistillConfig", "edgepack.compress.distill:distill",
                          False, "distill the teacher (default: the base model) into this student; teacher/student ppl"),
     "tune": StageSpec("tune", "edgepack.tune.qlora:TuneConfig", "edgepack.tune.qlora:tune", False,
                       "QLoRA / LoRA fine-tune on a data file; merged full-precision model, val ppl before/after"),
+    "bundle": StageSpec("bundle", "edgepack.deploy.bundle:BundleConfig", "edgepack.deploy.bundle_stage:bundle_stage",
+                        True, "the device bundle for the target (under bundle/), checked first; fit verdict recorded"),
 }
 
 

@@ -20,13 +20,23 @@ _SCALE_BYTES_PER_GROUP = {"int4": 2.5, "nf4": 0.53}  # int4: fp16 scale + 4-bit 
 _DEFAULT_GROUP = 128
 
 # Fixed runtime cost, bytes, by device type (measured or typical; see README "fit" section):
-#   cpu:    Python + numpy + torch/transformers (or onnxruntime) CPU libraries resident in the process: measured with
+#   cpu:    Python + numpy + torch/transformers CPU libraries resident in the process: measured with
 #           `edgepack bench` (torch-cpu, 1 thread, prompt 64 + 64 generated) on this project's 2-core x86-64 machine as
 #           peak RSS minus fit's own weights + KV + workspace: 363 MiB for stories260K (1 MB of weights) and 364 MiB
 #           for a 25.6M-parameter Llama (102 MB of fp32 weights); torch 2.13, transformers 5.23
 #   gpu:    CUDA context + cuBLAS/cuDNN workspaces (~500-600 MiB on A100/H100 with torch)
 #   jetson: CUDA context + TensorRT/torch libraries mapped into shared memory (~900 MiB on Orin, JetPack 6)
 RUNTIME_OVERHEAD_BYTES = {"cpu": 360 * MIB, "gpu": 600 * MIB, "jetson": 900 * MIB}
+
+# onnxruntime on a CPU is much lighter than torch but grows with the model. Measured with `edgepack bench` (prompt 64
+# + 64 generated, batch 1) and per-phase RSS probes on this project's 2-core x86-64 machine, onnxruntime 1.32: the
+# process with Python + numpy + onnxruntime + edgepack imported holds 66 MiB; a session adds ~14 MiB fixed; the
+# session's prepacked weights plus the kernel buffers allocated by the first prefill and the first decode step add
+# ~3 bytes per parameter whatever the weight precision (stories260K and a 25.6M-parameter Llama, fp32 / int8 / int4
+# MatMulNBits: residuals 14-16 MiB and 83-96 MiB). The runtime's KV cache is two ping-pong buffers (read past,
+# write present), so it holds the KV cache twice. Fitted on those 5 points, the prediction is within 5% of each.
+ORT_CPU_FIXED_BYTES = 80 * MIB
+ORT_CPU_BYTES_PER_PARAM = 3.0
 
 # Decoder-only families whose MLP has two matrices instead of the gated three (up, gate, down).
 _UNGATED_MLP = {"gpt2", "gpt_neox", "opt", "phi", "falcon", "bloom", "gpt_bigcode", "starcoder2"}
@@ -144,7 +154,9 @@ class FitReport:
 
 
 def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048, batch: int = 1,
-        group_size: int = _DEFAULT_GROUP, check_support: bool = True) -> FitReport:
+        group_size: int = _DEFAULT_GROUP, check_support: bool = True, runtime: str | None = None) -> FitReport:
+    """Memory and decode limit of `cfg` on `target`. `runtime` refines the fixed cost where it is measured per
+    runtime (onnxruntime on CPUs); None = the device type's typical torch-based runtime."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{precision}'", f"use one of {', '.join(PRECISIONS)}")
     if context <= 0 or batch <= 0:
@@ -161,12 +173,17 @@ def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048,
     other = act if quantized else _WEIGHT_BYTES[precision]
     weights = s.block_linear_params * wb + (s.embedding_params + s.lm_head_params) * other + s.norm_params * act
     kv = 2 * s.layers * s.kv_heads * s.head_dim * context * batch * act
+    ort_cpu = runtime == "onnxruntime" and target.device_type == "cpu"
     # Workspace: prefill activations for one full-length pass (residual, q/k/v/o, gated MLP intermediates), the
     # fp32 logits of one step, and on CPU runtimes the materialised attention scores (no fused attention kernel).
     prefill = batch * context * (4 * s.hidden + 3 * s.intermediate) * act
     logits = batch * s.vocab * 4
     scores = batch * s.heads * context * context * 4 if target.device_type == "cpu" else 0
-    workspace = prefill + logits + scores + RUNTIME_OVERHEAD_BYTES[target.device_type]
+    if ort_cpu:
+        overhead = ORT_CPU_FIXED_BYTES + ORT_CPU_BYTES_PER_PARAM * s.total_params + kv  # + kv: the second buffer
+    else:
+        overhead = RUNTIME_OVERHEAD_BYTES[target.device_type]
+    workspace = prefill + logits + scores + overhead
     required = int(weights + kv + workspace)
     read_per_step = (s.active_block_linear_params * wb + s.lm_head_params * other
                      + (s.embedding_params * other if s.tied else 0) + kv)

@@ -135,7 +135,8 @@ def tiny_record(tiny_model, cpu_target):
     from edgepack.artifact import open_artifact
     from edgepack.bench.run import run_bench
 
-    cfg = BenchConfig(prompt_lens=(8,), gen_lens=(6,), batches=(1, 2), runs=2, warmup=1, threads=1, baseline="hf")
+    cfg = BenchConfig(prompt_lens=(8,), gen_lens=(6,), batches=(1, 2), runs=2, warmup=1, threads=1, baseline="hf",
+                      min_seconds=0)
     return run_bench(open_artifact(tiny_model), cfg, cpu_target)
 
 
@@ -215,7 +216,7 @@ def test_cli_bench_json_and_errors(tiny_model, tmp_path):
     from edgepack.cli import cli
 
     runner = CliRunner()
-    res = runner.invoke(cli, ["bench", str(tiny_model), "--prompt-len", "4", "--gen-len", "3,5", "--runs", "1",
+    res = runner.invoke(cli, ["bench", str(tiny_model), "--prompt-len", "4", "--gen-len", "3,5", "--runs", "1", "--min-seconds", "0",
                               "--warmup", "0", "--threads", "1", "--target", "cpu-x86-64", "--json",
                               "--save", str(tmp_path / "r.json"), "--plot", str(tmp_path / "points.png")])
     assert res.exit_code == 0, res.output
@@ -261,7 +262,7 @@ def test_bench_stage_records_metrics_and_links_files(tiny_model, tmp_path, cpu_t
     src = open_artifact(tiny_model)
     spec = get_stage("bench")
     assert spec.per_target and spec.config_class() is BenchConfig
-    cfg = BenchConfig(prompt_lens=(4,), gen_lens=(4,), runs=1, warmup=0, threads=1)
+    cfg = BenchConfig(prompt_lens=(4,), gen_lens=(4,), runs=1, warmup=0, threads=1, min_seconds=0)
     out = bench_stage(src, cfg, cpu_target, tmp_path / "benched")
     rec = out.history[-1]
     assert rec["stage"] == "bench" and rec["target"] == "cpu-x86-64"
@@ -315,3 +316,16 @@ def test_precision_and_group_size_come_from_the_lineage(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
     assert artifact_precision(Artifact(tmp_path, {"format": "hf", "history": []})) == "bf16"
     assert artifact_precision(Artifact(tmp_path, {"format": "onnx", "history": []})) is None  # -> weight file bytes
+
+
+def test_min_seconds_adds_runs_until_enough_wall_time(tiny_model):
+    """runs is a floor: a model that decodes in milliseconds keeps being measured until min_seconds passed."""
+    from edgepack.artifact import open_artifact
+    from edgepack.bench.measure import measure_point
+    from edgepack.deploy.runtime import open_runtime
+
+    rt = open_runtime(open_artifact(tiny_model), threads=1)
+    exact = measure_point(rt, 4, 3, 1, runs=2, warmup=0, vocab=rt.model.config.vocab_size, min_seconds=0)
+    more = measure_point(rt, 4, 3, 1, runs=2, warmup=0, vocab=rt.model.config.vocab_size, min_seconds=0.3)
+    assert exact["runs"] == 2 and exact["decode_steps"] == 2 * 2
+    assert more["runs"] > 2 and more["decode_steps"] == more["runs"] * 2

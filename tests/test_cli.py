@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -121,6 +122,10 @@ def test_run_dry_run_and_json(tmp_path, tiny_model):
 def test_demo_runs_offline_then_does_no_work(tmp_path):
     first = run("demo", "--workdir", tmp_path / "demo")
     assert first.exit_code == 0, first.output
-    assert "stories260K" in first.stdout and "ppl" in first.stdout
+    assert "stories260K" in first.stdout and "ppl" in first.stdout and "PREDICTED" in first.stdout
+    assert "Once upon a time" in first.output and "onnxruntime int4" in first.output  # text from the CPU bundle
     again = last_json(run("demo", "--workdir", tmp_path / "demo", "--json"))
-    assert {s["status"] for s in again["steps"]} == {"cached"}
+    assert {s["status"] for s in again["steps"]} == {"cached", "skipped"}
+    assert {(s["kind"], s["target"]) for s in again["steps"] if s["kind"] == "bundle"} == {
+        ("bundle", t) for t in ("a100-80gb", "h100-sxm", "jetson-orin-nano-8gb", "cpu-x86-64")}
+    assert all(Path(p).is_file() for p in again["reports"]) and again["cpu_bundle"].endswith("bundle")

@@ -43,11 +43,9 @@ def test_cpu_default_falls_back_to_fp32_and_says_why(monkeypatch):
         choose_path(CompileConfig(precision="int4"), CPU)
 
 
-def test_gpu_targets_are_refused_naming_what_is_missing():
+def test_gpu_targets_go_to_the_gpu_runtimes_and_onnxruntime_there_needs_its_cuda_build():
     h100 = load_target("h100-sxm")
-    with pytest.raises(UnsupportedOnTarget, match="compile for runtime 'tensorrt'") as e:
-        choose_path(CompileConfig(), h100)
-    assert "--runtime onnxruntime" in e.value.hint
+    assert choose_path(CompileConfig(), h100)["runtime"] in ("torch-cuda", "tensorrt")  # tests/test_gpu_runtimes.py
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -110,13 +108,14 @@ def test_generate_cli_on_compiled_artifact_matches_pytorch_greedy(stories, compi
     assert text.exit_code == 0 and text.output.startswith("Once upon a time")
 
 
-def test_compile_cli_refuses_gpu_target_in_one_line(compiled, tmp_path):
+def test_compile_cli_refuses_onnx_source_for_torch_cuda_in_one_line(compiled, tmp_path):
     from click.testing import CliRunner
 
     from edgepack.cli import cli
 
-    r = CliRunner().invoke(cli, ["compile", str(compiled.path), "--target", "h100-sxm", "-o", str(tmp_path / "g")])
-    assert r.exit_code == 1 and r.output.startswith("error: compile for runtime 'tensorrt'")
+    r = CliRunner().invoke(cli, ["compile", str(compiled.path), "--target", "h100-sxm", "--runtime", "torch-cuda",
+                                 "-o", str(tmp_path / "g")])
+    assert r.exit_code == 1 and r.output.startswith("error: torch-cuda runs Hugging Face checkpoints")
     assert not (tmp_path / "g").exists()
 
 
@@ -179,3 +178,17 @@ def test_auto_builder_takes_genai_for_cpu_int4_only_where_it_can_build(stories, 
 
     expected = "genai" if importlib.util.find_spec("onnxruntime_genai") else "edgepack"
     assert resolve_builder(CompileConfig(), open_artifact(tiny_model), cpu_int4)[0] == expected
+
+
+def test_a_wrongly_wired_built_graph_fails_the_stage():
+    """Graphs built outside our export are checked against PyTorch: a 3 dB int4 graph (genai wiring a vocab-wide
+    decoder matrix as lm_head) is a failed stage, a plainly quantized one (25 dB) passes with its floor recorded."""
+    from edgepack.deploy.compile import check_parity
+    from edgepack.errors import ValidationFailed
+
+    ok = check_parity({"sqnr_db": 25.3, "max_abs_diff": 1.0, "argmax_agreement": 0.8}, "int4")
+    assert ok["min_sqnr_db"] == 5.0 and ok["sqnr_db"] == 25.3
+    with pytest.raises(ValidationFailed, match="3.3 dB SQNR from the PyTorch model"):
+        check_parity({"sqnr_db": 3.3, "max_abs_diff": 9.0, "argmax_agreement": 0.1}, "int4")
+    with pytest.raises(ValidationFailed):
+        check_parity({"sqnr_db": 33.0, "max_abs_diff": 1.0, "argmax_agreement": 0.9}, "fp32")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,17 @@ def test_rerun_does_no_work_and_outputs_are_content_hashed(tmp_path, tiny_model,
     p.write_text(p.read_text().replace('label = "a"', 'label = "b"'))
     third = run_recipe(load_recipe(p))
     assert [r.status for r in third] == ["cached", "ran"] and third[1].path != first[1].path
+
+
+def test_a_stage_that_only_adds_evidence_still_rekeys_what_follows(tmp_path, tiny_model, tag_registered):
+    """tag (like bench) links the model files unchanged and records numbers: a re-run of it with another config
+    must give the stages after it a new key, or a bundle would keep the old evidence."""
+    p = _recipe(tmp_path, tiny_model, '[[stages]]\nkind = "tag"\nlabel = "a"\n[[stages]]\nkind = "tag"\nlabel = "z"\n')
+    first = run_recipe(load_recipe(p))
+    p.write_text(p.read_text().replace('label = "a"', 'label = "b"'))
+    second = run_recipe(load_recipe(p))
+    assert [r.status for r in second] == ["ran", "ran"] and second[1].path != first[1].path
+    assert [r.status for r in run_recipe(load_recipe(p), dry_run=True)] == ["cached", "cached"]
 
 
 def test_crash_midway_then_resume_without_redoing(tmp_path, tiny_model, tag_registered):
@@ -134,3 +146,46 @@ def test_example_and_demo_recipes_load():
     for r in recipes:
         rec = load_recipe(r)
         assert rec.steps, r
+
+
+def test_per_target_settings_and_skip(tmp_path, tiny_model, tag_registered):
+    body = ('[[stages]]\nkind = "convert"\n[[stages]]\nkind = "tag"\nlabel = "a"\n'
+            '[stages.per_target.jetson-orin-nano-8gb]\nlabel = "jet"\n'
+            '[stages.per_target.h100-sxm]\nskip = "not for this one"\n'
+            '[[stages]]\nkind = "tag"\nlabel = "z"\n')
+    p = _recipe(tmp_path, tiny_model, body, targets='["cpu-x86-64", "jetson-orin-nano-8gb", "h100-sxm"]')
+    res = run_recipe(load_recipe(p))
+    assert CALLS == [("a", "cpu-x86-64"), ("z", "cpu-x86-64"), ("jet", "jetson-orin-nano-8gb"),
+                     ("z", "jetson-orin-nano-8gb"), ("z", "h100-sxm")]
+    skipped = [r for r in res if r.status == "skipped"]
+    assert [(r.kind, r.target, r.metrics) for r in skipped] == [("tag", "h100-sxm", {"skipped": "not for this one"})]
+    assert skipped[0].path == res[0].path  # the convert output passes on unchanged
+    summary = json.loads((tmp_path / "wd" / "run.json").read_text())
+    assert [s["status"] for s in summary["steps"]] == ["ran", "ran", "ran", "ran", "ran", "skipped", "ran"]
+    CALLS.clear()
+    again = run_recipe(load_recipe(p))
+    assert CALLS == [] and [r.status for r in again] == ["cached"] * 5 + ["skipped", "cached"]
+
+
+@pytest.mark.parametrize("body,message", [
+    ('[[stages]]\nkind = "tag"\n[stages.per_target.h100-sxm]\nlabel = "x"\n', "per_target names 'h100-sxm', which is not"),
+    ('[[stages]]\nkind = "convert"\n[stages.per_target.cpu-x86-64]\ndtype = "float16"\n', "per_target needs a target-specific"),
+    ('[[stages]]\nkind = "tag"\n[stages.per_target.cpu-x86-64]\nlabl = "x"\n', "unknown key 'labl'"),
+])
+def test_per_target_errors(tmp_path, tiny_model, tag_registered, body, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(_recipe(tmp_path, tiny_model, body))
+
+
+def test_hub_id_model_is_fetched_only_when_running(tmp_path, tiny_model, monkeypatch):
+    import huggingface_hub
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: fetched.append((repo, kw["allow_patterns"])) or str(tiny_model))
+    p = _recipe(tmp_path, "someorg/some-model", '[[stages]]\nkind = "convert"\n')
+    rec = load_recipe(p)
+    assert rec.model == "someorg/some-model"
+    assert [r.status for r in run_recipe(rec, dry_run=True)] == ["planned"] and fetched == []
+    assert [r.status for r in run_recipe(rec)] == ["ran"]
+    assert fetched[0][0] == "someorg/some-model" and "*.bin" not in fetched[0][1]

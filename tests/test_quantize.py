@@ -174,7 +174,8 @@ def test_kernels(tiny172, tmp_path):
 def test_stories_quality_bars(stories, tinystories_text, tmp_path):
     """Calibrate on the first 90 % of the TinyStories sample, score the held-out rest (25k tokens).
     Measured (bench/quantize_table.py): int8 onnx -0.01 %, int4-rtn g32 +10.75 %, int4-gptq g32 +5.4..5.5 %.
-    The issue's INT4 bar (<= 5 %) is NOT reached; GPTQ halves RTN's increase, which is what is asserted."""
+    GPTQ alone does not reach the issue's INT4 bar (<= 5 %) but halves RTN's increase, which is what is asserted;
+    int4-gptq-kd reaches the bar (tests/test_quant_refine.py::test_stories_int4_bar)."""
     src = open_artifact(stories)
     common = dict(calib=str(tinystories_text), group_size=32, exporter="torchscript")
     got = {}

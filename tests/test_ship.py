@@ -314,3 +314,42 @@ def test_remote_prepare_and_bench_bring_the_device_json_back(sshd, bundles, tmp_
     from edgepack.bench.report import load_record  # the local results compare with `edgepack bench compare`
 
     assert load_record(rec["remote"]["saved_to"])["decode_tokens_per_s"] == saved["decode_tokens_per_s"]
+
+
+@pytest.mark.slow  # exports stories260K to fp16 ONNX for the engine build spec
+def test_remote_prepare_builds_the_engine_on_the_device_or_names_trtexec(sshd, tmp_path):
+    """A bundle whose target builds TensorRT engines on the device: `remote prepare` runs the device's own
+    `edgepack device prepare` on the release. This "device" (this machine, over ssh) has no TensorRT, so the build
+    must fail with the device's one-line reason: what to install and the trtexec line that builds the same engine."""
+    import importlib.util
+
+    from edgepack.artifact import open_artifact
+    from edgepack.deploy.compile import CompileConfig, compile_stage
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here: the engine would really be built (covered by the tensorrt tests)")
+    ep, py = str(ROOT / ".venv" / "bin" / "edgepack"), str(ROOT / ".venv" / "bin" / "python")
+    if not Path(ep).is_file():
+        pytest.skip("needs the repository's .venv/bin/edgepack to act as the device's edgepack")
+    # a GPU box of this machine's CPU architecture whose profile says: build engines on the device (as Jetson does)
+    text = (ROOT / "targets" / "profiles" / "jetson-orin-nano-8gb.toml").read_text()
+    text = text.replace('name = "jetson-orin-nano-8gb"', 'name = "gpu-box-device-build"')
+    text = text.replace('device_type = "jetson"', 'device_type = "gpu"').replace("unified_memory = true",
+                                                                                 "unified_memory = false")
+    (tmp_path / "gpu-box.toml").write_text(text)
+    target = load_target(str(tmp_path / "gpu-box.toml"))
+    assert target.engine_build == "device"
+    art = compile_stage(open_artifact(STORIES), CompileConfig(exporter="torchscript", max_context=128), target,
+                        tmp_path / "compiled")
+    assert art.extra["runtime"] == "tensorrt" and (art.path / "trt_build.json").is_file()
+    bundle = make_bundle(art, target, tmp_path / "bundle")
+    reqs = [ln for ln in (bundle / "requirements.txt").read_text().splitlines() if not ln.startswith("#")]
+    assert reqs and not any(ln.startswith("tensorrt") for ln in reqs)  # the device's own TensorRT builds it
+    assert "edgepack device prepare" in (bundle / "README.md").read_text()
+    dest = str(tmp_path / "dev")
+    with Remote("device", _opts(sshd)) as r:
+        push_bundle(bundle, r, dest)
+        with pytest.raises(RemoteError, match="building the TensorRT engine on the device failed") as e:
+            remote_prepare(r, dest, remote_python=py, remote_edgepack=ep)
+    assert "tensorrt" in str(e.value) and "trtexec --onnx=" in str(e.value)
+    assert f"{dest}/releases/" in str(e.value)  # the command line points at the release on the device

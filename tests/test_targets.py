@@ -105,3 +105,20 @@ def test_unsupported_precision_and_bad_config():
         fit(LLAMA2_7B, load_target("a100-40gb"), "fp8")
     with pytest.raises(ConfigError, match="hidden_size"):
         fit({"model_type": "llama"}, load_target("a100-40gb"), "fp16")
+
+
+def test_fit_counts_the_runtime_it_is_asked_about():
+    """onnxruntime on a CPU: 80 MiB fixed + 3 bytes/parameter + the KV cache twice (ping-pong buffers) instead of
+    torch's 360 MiB of libraries; other runtimes and GPU targets keep the device type's figure."""
+    from edgepack.targets.fit import MIB, ORT_CPU_BYTES_PER_PARAM, ORT_CPU_FIXED_BYTES, RUNTIME_OVERHEAD_BYTES
+
+    cpu = load_target("cpu-x86-64")
+    torch_r = fit(LLAMA2_7B, cpu, "int4", context=512)
+    ort_r = fit(LLAMA2_7B, cpu, "int4", context=512, runtime="onnxruntime")
+    expected = (torch_r.required_bytes - RUNTIME_OVERHEAD_BYTES["cpu"] + ORT_CPU_FIXED_BYTES
+                + ORT_CPU_BYTES_PER_PARAM * torch_r.params + torch_r.kv_cache_bytes)
+    assert abs(ort_r.required_bytes - expected) <= 1
+    assert ort_r.kv_cache_bytes == torch_r.kv_cache_bytes  # the logical cache; the second buffer is workspace
+    gpu = load_target("h100-sxm")
+    assert fit(LLAMA2_7B, gpu, "fp16", runtime="onnxruntime").required_bytes == fit(LLAMA2_7B, gpu, "fp16").required_bytes
+    assert ORT_CPU_FIXED_BYTES < RUNTIME_OVERHEAD_BYTES["cpu"] and ORT_CPU_FIXED_BYTES == 80 * MIB

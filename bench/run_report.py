@@ -1,0 +1,363 @@
+"""`edgepack report RUN_DIR -o report.html|report.md [--json]`: one report for a recipe run, read from run.json and
+every stage's manifest (edgepack.json). Nothing is executed and nothing heavy is imported (no torch).
+
+Per target: the bundle (path, size, id, runtime, precision), its fit verdict (targets.fit, a prediction), the
+perplexity before/after every lossy stage (each stage scores its own held-out text, named in the report), and the
+speed: measured tokens/s + memory where the bench ran on the target's hardware, else the roofline prediction,
+labelled "predicted". Numbers are copied from the manifests unchanged (the report's JSON is the manifests' values;
+the tables print them at fixed precision). Plots (matplotlib, the `plot` extra, Agg backend): quality across stages,
+speed and memory across targets; embedded as base64 PNG in the HTML (self-contained, no JavaScript), written as PNG
+files next to the Markdown.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import tempfile
+from pathlib import Path
+
+import click
+
+from edgepack.commands import json_opt
+from edgepack.errors import ArtifactError, ConfigError
+from edgepack.output import emit_json, fmt_bytes
+
+MANIFEST = "edgepack.json"
+PREDICTED = "predicted"
+MEASURED = "measured"
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def _read_json(p: Path, what: str) -> dict:
+    if not p.is_file():
+        raise ArtifactError(f"{what} '{p}' does not exist", "run the recipe first: edgepack run RECIPE.toml")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{p} is not valid JSON ({exc})", "re-run the recipe to rewrite it") from None
+
+
+def _stage_record(path: str) -> dict:
+    hist = _read_json(Path(path) / MANIFEST, "stage manifest").get("history") or [{}]
+    return hist[-1]
+
+
+def _ppl_text(kind: str, metrics: dict, config: dict) -> str:
+    proto = metrics.get("protocol") if isinstance(metrics.get("protocol"), dict) else metrics.get("ppl_protocol")
+    if isinstance(proto, dict):
+        text = proto.get("eval") or proto.get("text") or ""
+        split = proto.get("split") or ("held-out tail" if kind in ("prune", "distill") else "")
+        return f"{Path(str(text)).name} ({split})" if split else Path(str(text)).name
+    if kind == "tune":
+        return f"{Path(str(config.get('data') or 'data')).name} (validation split)"
+    return ""
+
+
+def quality_of(kind: str, record: dict) -> dict | None:
+    """Perplexity a stage recorded: before/after for lossy stages, the value for `eval`; None when it has none."""
+    m, c = record.get("metrics") or {}, record.get("config") or {}
+    after = m.get("ppl_after", m.get("perplexity"))
+    if after is None:
+        return None
+    return {"ppl_before": m.get("ppl_before"), "ppl_after": after, "text": _ppl_text(kind, m, c)}
+
+
+def speed_of(metrics: dict) -> dict:
+    """Measured figures of a bench record, or its roofline prediction (labelled)."""
+    measured = metrics.get("measured", metrics.get("decode_tokens_per_s") is not None)
+    if measured:
+        dev = metrics.get("device") or {}
+        return {"kind": MEASURED, "decode_tokens_per_s": metrics.get("decode_tokens_per_s"),
+                "prefill_tokens_per_s": metrics.get("prefill_tokens_per_s"), "ttft_ms": metrics.get("ttft_ms"),
+                "peak_memory_bytes": metrics.get("peak_memory_bytes"), "device": dev.get("name"),
+                "threads": dev.get("threads"), "runtime": metrics.get("runtime")}
+    p = metrics.get("prediction") or {}
+    return {"kind": PREDICTED, "label": p.get("label", PREDICTED), "reason": p.get("reason"),
+            "decode_tokens_per_s_upper_bound": p.get("decode_tokens_per_s_upper_bound"),
+            "predicted_peak_memory_bytes": p.get("predicted_peak_memory_bytes"), "fits": p.get("fits"),
+            "bandwidth_bytes_per_s": p.get("bandwidth_bytes_per_s"), "runtime": metrics.get("runtime")}
+
+
+def build_report(run_dir) -> dict:
+    run_dir = Path(run_dir)
+    run = _read_json(run_dir / "run.json", "run summary")
+    steps = run.get("steps") or []
+    shared = [s for s in steps if s.get("target") is None]
+    rep = {"run": {"name": run.get("name"), "recipe": run.get("recipe"), "model": run.get("model"),
+                   "run_dir": str(run_dir.absolute()), "targets": run.get("targets", [])}, "targets": []}
+    for tname in run.get("targets", []):
+        chain = shared + [s for s in steps if s.get("target") == tname]
+        rows, quality = [], []
+        t = {"name": tname, "stages": rows, "quality": quality, "bundle": None, "fit": None, "speed": None}
+        for s in chain:
+            row = {"index": s["index"], "kind": s["kind"], "status": s["status"], "path": s["path"],
+                   "seconds": s.get("seconds")}
+            if s["status"] == "skipped":
+                row["note"] = (s.get("metrics") or {}).get("skipped", "skipped")
+                rows.append(row)
+                continue
+            rec = _stage_record(s["path"])
+            m = rec.get("metrics") or {}
+            q = quality_of(s["kind"], rec)
+            if q:
+                row["quality"] = q
+                quality.append({"stage": f"{s['index']} {s['kind']}", **q})
+            if s["kind"] == "quantize":
+                row["note"] = m.get("method_choice") or f"{m.get('method')} ({m.get('format')})"
+            elif s["kind"] == "compile":
+                row["note"] = f"{m.get('runtime')} {m.get('precision')}" + (f"; {m['note']}" if m.get("note") else "")
+            elif s["kind"] == "bench":
+                t["speed"] = sp = speed_of(m)
+                row["note"] = (f"measured: {f_rate(sp['decode_tokens_per_s'])} decode tok/s" if sp["kind"] == MEASURED
+                               else f"predicted: <= {f_rate(sp['decode_tokens_per_s_upper_bound'])} decode tok/s")
+            elif s["kind"] == "bundle":
+                t["bundle"] = {"path": str(Path(s["path"]) / m.get("bundle_path", "bundle")), "id": m.get("bundle_id"),
+                               "bytes": m.get("bundle_bytes"), "runtime": m.get("runtime"),
+                               "precision": m.get("precision")}
+                t["fit"] = m.get("fit")
+                row["note"] = f"{m.get('bundle_id')}: {f_bytes(m.get('bundle_bytes'))}"
+            rows.append(row)
+        if t["fit"] is None and t["speed"] and t["speed"].get("fits") is not None:
+            t["fit"] = {"fits": t["speed"]["fits"], "label": "predicted (bench roofline)"}
+        rep["targets"].append(t)
+    return rep
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+def f_ppl(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def f_rate(v) -> str:
+    return "-" if v is None else f"{v:,.1f}"
+
+
+def f_bytes(v) -> str:
+    return "-" if v is None else f"{fmt_bytes(v)} ({v:,} B)"
+
+
+def _speed_cells(sp: dict | None) -> list[str]:
+    """[kind, decode tok/s, memory] for the summary table."""
+    if not sp:
+        return ["no bench stage", "-", "-"]
+    if sp["kind"] == MEASURED:
+        return [f"measured on {sp.get('device') or '?'}", f_rate(sp["decode_tokens_per_s"]),
+                f_bytes(sp["peak_memory_bytes"]) + " peak"]
+    return ["PREDICTED (roofline, not measured)", "<= " + f_rate(sp["decode_tokens_per_s_upper_bound"]),
+            f_bytes(sp["predicted_peak_memory_bytes"]) + " predicted"]
+
+
+def _fit_cell(fit: dict | None) -> str:
+    if not fit:
+        return "-"
+    verdict = "fits" if fit.get("fits") else "DOES NOT FIT"
+    extra = f", needs {fmt_bytes(fit['required_bytes'])} of {fmt_bytes(fit['usable_bytes'])}" if fit.get("required_bytes") else ""
+    ctx = f" at context {fit['context']}" if fit.get("context") else ""
+    return f"{verdict}{extra}{ctx} (predicted)"
+
+
+def summary_rows(rep: dict) -> tuple[list[str], list[list[str]]]:
+    cols = ["target", "bundle", "size", "runtime / precision", "fit verdict", "final ppl", "speed is",
+            "decode tok/s", "memory"]
+    rows = []
+    for t in rep["targets"]:
+        b = t["bundle"] or {}
+        last = t["quality"][-1]["ppl_after"] if t["quality"] else None
+        rows.append([t["name"], b.get("path", "-"), f_bytes(b.get("bytes")),
+                     f"{b.get('runtime', '-')} / {b.get('precision', '-')}", _fit_cell(t["fit"]), f_ppl(last),
+                     *_speed_cells(t["speed"])])
+    return cols, rows
+
+
+def stage_rows(t: dict) -> tuple[list[str], list[list[str]]]:
+    cols = ["#", "stage", "status", "ppl before", "ppl after", "scored on", "note"]
+    rows = []
+    for r in t["stages"]:
+        q = r.get("quality") or {}
+        rows.append([str(r["index"]), r["kind"], r["status"], f_ppl(q.get("ppl_before")), f_ppl(q.get("ppl_after")),
+                     q.get("text", ""), r.get("note", "")])
+    return cols, rows
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+def _pyplot():
+    from edgepack.errors import require
+
+    mpl = require("matplotlib", "plot", "plots in the report")
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_quality(rep: dict, path: Path) -> dict:
+    """Per lossy stage a segment from perplexity before to after it, one colour per target (shared stages coincide).
+    Segments are not joined: each stage scores its own held-out text, so only the change within a stage is exact."""
+    plt = _pyplot()
+    labels = []
+    for t in rep["targets"]:
+        labels += [q["stage"] for q in t["quality"] if q["stage"] not in labels]
+    labels.sort(key=lambda s: int(s.split()[0]))
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(labels) + 2), 4.2))
+    drawn, n = {}, max(1, len(rep["targets"]))
+    for i, t in enumerate(rep["targets"]):
+        dx = (i - (n - 1) / 2) * 0.08
+        pts = []
+        for q in t["quality"]:
+            x = labels.index(q["stage"]) + dx
+            before = q["ppl_before"] if q["ppl_before"] is not None else q["ppl_after"]
+            ax.plot([x - 0.2, x + 0.2], [before, q["ppl_after"]], marker="o", color=f"C{i}",
+                    label=t["name"] if not pts else None)
+            if not any((q["stage"], q["ppl_after"]) == (s, a) for p in drawn.values() for s, _, a in p):
+                ax.annotate(f"{q['ppl_after']:.2f}", (x + 0.2, q["ppl_after"]), textcoords="offset points",
+                            xytext=(4, 0), fontsize=7, color=f"C{i}")  # shared stages: labelled once
+            pts.append((q["stage"], before, q["ppl_after"]))
+        drawn[t["name"]] = pts
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("perplexity: before -> after the stage")
+    ax.set_title("quality across stages (each segment: one stage on its own held-out text)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def plot_speed(rep: dict, path: Path) -> dict:
+    """Decode tokens/s and memory per target: measured bars solid, predicted bars hatched and labelled."""
+    plt = _pyplot()
+    names, rate, mem, kinds = [], [], [], []
+    for t in rep["targets"]:
+        sp = t["speed"]
+        if not sp:
+            continue
+        m = sp["kind"] == MEASURED
+        names.append(t["name"])
+        kinds.append(sp["kind"])
+        rate.append((sp["decode_tokens_per_s"] if m else sp["decode_tokens_per_s_upper_bound"]) or 0.0)
+        mem.append(((sp["peak_memory_bytes"] if m else sp["predicted_peak_memory_bytes"]) or 0) / 2**20)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(names) + 3), 4.4))
+    for ax, vals, ylabel in ((a1, rate, "decode tokens/s (log scale)"), (a2, mem, "memory, MiB")):
+        for i, (v, k) in enumerate(zip(vals, kinds)):
+            ax.bar(i, v, color="tab:blue" if k == MEASURED else "white", edgecolor="tab:blue" if k == MEASURED else "gray",
+                   hatch=None if k == MEASURED else "//")
+            ax.annotate(k, (i, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+    if any(rate):
+        a1.set_yscale("log")
+    fig.suptitle("speed across targets: solid = measured, hatched = predicted (roofline upper bound)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return {"targets": names, "decode_tokens_per_s": rate, "memory_mib": mem, "kinds": kinds}
+
+
+# --------------------------------------------------------------------------------------------------- writers
+def _md_table(cols, rows) -> str:
+    esc = [[str(c).replace("|", "\\|") for c in r] for r in rows]
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in esc])
+
+
+def _html_table(cols, rows) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+INTRO = ("Numbers are read from the stage manifests. Perplexity: each lossy stage scores its own held-out text "
+         "(named per row), before and after the stage. Speed: **measured** where the bench ran on the target's "
+         "hardware; **predicted** (roofline: target bandwidth / bytes read per decoded token, an upper bound, not a "
+         "measurement) where it did not. Fit verdicts are predictions (targets.fit).")
+
+
+def render_markdown(rep: dict, plots: dict[str, str]) -> str:
+    r = rep["run"]
+    out = [f"# edgepack report: {r['name']}", "", f"Recipe `{r['recipe']}`, model `{r['model']}`, run `{r['run_dir']}`.",
+           "", INTRO, "", "## Summary", "", _md_table(*summary_rows(rep)), ""]
+    for key, title in (("quality", "Quality across stages"), ("speed", "Speed across targets")):
+        if key in plots:
+            out += [f"## {title}", "", f"![{title}]({plots[key]})", ""]
+    for t in rep["targets"]:
+        out += [f"## {t['name']}", "", _md_table(*stage_rows(t)), ""]
+        sp = t["speed"]
+        if sp and sp["kind"] == PREDICTED:
+            out += [f"Speed **predicted**, not measured: {sp.get('reason') or ''}", ""]
+    return "\n".join(out) + "\n"
+
+
+CSS = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0;"
+       "font-size:90%}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+       "th{background:#f2f2f2}img{max-width:100%}.pred{color:#a15c00}")
+
+
+def render_html(rep: dict, plots_b64: dict[str, str]) -> str:
+    r = rep["run"]
+    md_bold = INTRO.replace("**measured**", "<b>measured</b>").replace("**predicted**", '<b class="pred">predicted</b>')
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>edgepack report: {html.escape(str(r['name']))}"
+             f"</title><style>{CSS}</style></head><body>",
+             f"<h1>edgepack report: {html.escape(str(r['name']))}</h1>",
+             f"<p>Recipe <code>{html.escape(str(r['recipe']))}</code>, model <code>{html.escape(str(r['model']))}</code>,"
+             f" run <code>{html.escape(r['run_dir'])}</code>.</p><p>{md_bold}</p>",
+             "<h2>Summary</h2>", _html_table(*summary_rows(rep))]
+    for key, title in (("quality", "Quality across stages"), ("speed", "Speed across targets")):
+        if key in plots_b64:
+            parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{plots_b64[key]}'>")
+    for t in rep["targets"]:
+        parts += [f"<h2>{html.escape(t['name'])}</h2>", _html_table(*stage_rows(t))]
+        sp = t["speed"]
+        if sp and sp["kind"] == PREDICTED:
+            parts.append(f"<p class='pred'>Speed <b>predicted</b>, not measured: {html.escape(sp.get('reason') or '')}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(run_dir, out, *, plots: bool = True) -> dict:
+    """Write the report to `out` (.html or .md by suffix); returns {report, written: [paths]}."""
+    out = Path(out)
+    fmt = out.suffix.lower()
+    if fmt not in (".html", ".htm", ".md", ".markdown"):
+        raise ConfigError(f"report format '{out.suffix or out.name}' is not known", "use -o report.html or -o report.md")
+    rep = build_report(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    markdown = fmt in (".md", ".markdown")
+    written, pngs = [], {}
+    with tempfile.TemporaryDirectory() as tmp:  # HTML embeds its plots: no PNG files next to it
+        for key, fn in ((("quality", plot_quality), ("speed", plot_speed)) if plots else ()):
+            p = out.with_name(f"{out.stem}-{key}.png") if markdown else Path(tmp) / f"{key}.png"
+            fn(rep, p)
+            pngs[key] = p
+        if markdown:
+            out.write_text(render_markdown(rep, {k: p.name for k, p in pngs.items()}))
+            written += [str(p) for p in pngs.values()]
+        else:
+            out.write_text(render_html(rep, {k: base64.b64encode(p.read_bytes()).decode() for k, p in pngs.items()}))
+    return {"report": rep, "written": [str(out)] + written}
+
+
+@click.command("report")
+@click.argument("run_dir", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), help="report.html (self-contained) or report.md (+ PNG files).")
+@click.option("--no-plots", is_flag=True, help="Tables only (no matplotlib needed).")
+@json_opt
+def report_cmd(run_dir, output, no_plots, as_json):
+    """Report on a recipe run: per target the bundle, size, fit verdict, perplexity after each stage, measured or
+    predicted speed. Reads run.json and the manifests only."""
+    from edgepack.output import print_table
+
+    if output:
+        res = write_report(run_dir, output, plots=not no_plots)
+        rep = res["report"]
+    else:
+        rep, res = build_report(run_dir), {"written": []}
+    if as_json:
+        emit_json({**rep, "written": res["written"]})
+        return
+    print_table(f"report: {rep['run']['name']} ({rep['run']['run_dir']})", *summary_rows(rep),
+                caption="speed: measured where the bench ran on the target's hardware, else PREDICTED (roofline)")
+    for p in res["written"]:
+        click.echo(f"wrote {p}")
