@@ -32,11 +32,14 @@ METHOD_NAMES = ("int8", "int4-rtn", "int4-gptq", "int4-hqq", "int4-awq", "nf4", 
               help="Evaluation text [default: the held-out last 10% of the calibration text].")
 @click.option("--eval-max-tokens", type=int, help="Score at most this many tokens.")
 @click.option("--max-ppl-increase", type=float, help="Fail (write nothing) when perplexity rises more than this (%).")
+@click.option("--kd-steps", default=300, show_default=True, help="int4-gptq-kd: distillation steps after GPTQ.")
+@click.option("--seed", default=0, show_default=True, help="int4-gptq-kd: seed of the distillation batch order.")
 @force_opt
 @trust_opt
 @json_opt
 def quantize_cmd(model, method, output, target_name, fmt, group_size, symmetric, accuracy_level, calib, calib_samples,
-                 calib_seq_len, eval_text, eval_max_tokens, max_ppl_increase, force, trust_pickle, as_json):
+                 calib_seq_len, eval_text, eval_max_tokens, max_ppl_increase, kd_steps, seed, force, trust_pickle,
+                 as_json):
     """Quantize MODEL's weights and prove the quality: perplexity before/after and logits SQNR in the manifest."""
     from edgepack.artifact import check_output_dir, open_artifact
     from edgepack.compress.quantize import QuantizeConfig, check_legal, quantize
@@ -46,7 +49,7 @@ def quantize_cmd(model, method, output, target_name, fmt, group_size, symmetric,
     raw = {"method": method, "format": fmt, "group_size": group_size, "symmetric": symmetric,
            "accuracy_level": accuracy_level, "calib": calib or "", "calib_samples": calib_samples,
            "calib_seq_len": calib_seq_len, "eval_text": eval_text or "", "eval_max_tokens": eval_max_tokens,
-           "max_ppl_increase": max_ppl_increase}
+           "max_ppl_increase": max_ppl_increase, "kd_steps": kd_steps, "seed": seed}
     cfg = build_config(QuantizeConfig, raw, "quantize")
     target = load_target(target_name) if target_name else None
     check_legal(cfg, target)  # before any weight loads

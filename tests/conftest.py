@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# ../shared beside the checkout; EDGEPACK_SHARED points elsewhere (a GPU machine gets only the repository)
+SHARED = Path(os.environ.get("EDGEPACK_SHARED") or ROOT.parent / "shared")
 STORIES = SHARED / "models" / "stories260K"
 TINYSTORIES = SHARED / "data" / "tinystories-valid-sample.txt"
 
