@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import tempfile
 from pathlib import Path
 
 import click
 
+from edgepack.artifact import load_json
 from edgepack.commands import json_opt
 from edgepack.errors import ArtifactError, ConfigError
 from edgepack.output import emit_json, fmt_bytes
@@ -33,10 +33,7 @@ MEASURED = "measured"
 def _read_json(p: Path, what: str) -> dict:
     if not p.is_file():
         raise ArtifactError(f"{what} '{p}' does not exist", "run the recipe first: edgepack run RECIPE.toml")
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{p} is not valid JSON ({exc})", "re-run the recipe to rewrite it") from None
+    return load_json(p, "re-run the recipe to rewrite it")
 
 
 def _stage_record(path: str) -> dict:

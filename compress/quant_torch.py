@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgepack.artifact import load_json
 from edgepack.errors import ArtifactError, UnsupportedOnTarget, require
 
 TORCH_QUANT_FORMAT = "torch-quant"
@@ -118,10 +119,7 @@ def read_quant_meta(path: Path) -> dict:
     p = Path(path) / QUANT_FILE
     if not p.is_file():
         raise ArtifactError(f"'{path}' has no {QUANT_FILE}", "re-run the quantize stage that made it")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{p} is not valid JSON ({exc})", "re-run the quantize stage that made it") from None
+    return load_json(p, "re-run the quantize stage that made it")
 
 
 def dequantized_weight(name: str, rec: dict, st: dict):

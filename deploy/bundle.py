@@ -33,6 +33,7 @@ from edgepack.artifact import (
     check_output_dir,
     files_digest,
     hash_files,
+    load_json,
     open_artifact,
     read_model_config,
     sha256_file,
@@ -366,10 +367,7 @@ def read_bundle_manifest(root: Path) -> dict:
     if not p.is_file():
         raise ArtifactError(f"'{root}' is not a bundle: it has no {BUNDLE_MANIFEST}",
                             "make one with 'edgepack bundle ARTIFACT --target T -o OUT'")
-    try:
-        m = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{p} is not valid JSON ({exc})", "the bundle is damaged; rebuild it") from None
+    m = load_json(p, "the bundle is damaged; rebuild it")
     if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or "bundle_id" not in m:
         raise ArtifactError(f"{p} has no bundle_id or files table", "the bundle is damaged; rebuild it")
     if m.get("schema_version", 0) > BUNDLE_SCHEMA:

@@ -19,6 +19,7 @@ import json
 import shlex
 from pathlib import Path
 
+from edgepack.artifact import load_json
 from edgepack.errors import ArtifactError, ConfigError
 
 SPEC_FILE = "trt_build.json"
@@ -95,10 +96,7 @@ def read_spec(directory: Path) -> dict:
     if not p.is_file():
         raise ArtifactError(f"'{directory}' has no {SPEC_FILE} (the TensorRT build spec)",
                             "compile the model for a TensorRT target: edgepack compile MODEL --target jetson-...")
-    try:
-        spec = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{p} is not valid JSON ({exc})", "re-run edgepack compile") from None
+    spec = load_json(p, "re-run edgepack compile")
     if spec.get("schema") != SPEC_SCHEMA:
         raise ArtifactError(f"{p} has schema {spec.get('schema')}, this edgepack reads {SPEC_SCHEMA}",
                             "compile again with this edgepack version")

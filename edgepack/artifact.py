@@ -202,10 +202,7 @@ def open_artifact(path, *, verify: bool = False, trust_pickle: bool = False) -> 
                             "pass the directory that holds config.json (or edgepack.json)")
     mpath = path / MANIFEST_NAME
     if mpath.is_file():
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{mpath} is not valid JSON ({exc})", "the artifact is damaged; re-run the stage that made it") from None
+        manifest = load_json(mpath, "the artifact is damaged; re-run the stage that made it")
         if not isinstance(manifest, dict) or "format" not in manifest:
             raise ArtifactError(f"{mpath} has no 'format'", "the artifact is damaged; re-run the stage that made it")
         if manifest.get("schema_version", 0) > SCHEMA_VERSION:
@@ -247,6 +244,15 @@ def _check_hf_weights(path: Path, trust_pickle: bool) -> None:
                                 "re-download the checkpoint")
     for shard in shards:
         check_safetensors(shard)
+
+
+def load_json(path: Path, hint: str):
+    """json.loads of a file that an edgepack stage wrote, with the one-line error a damaged file deserves (the caller
+    checks that the file exists: what a missing file means differs from file to file)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc})", hint) from None
 
 
 def read_model_config(path) -> dict:
