@@ -25,6 +25,7 @@ FIGURES = {
     "bytes_per_token": "prediction (model shape at the weight precision)",
     "roofline_decode_tokens_per_s": "roofline prediction (bandwidth / bytes read per token)",
     "predicted_peak_memory_bytes": "prediction (targets.fit: weights + KV cache + workspace + runtime overhead)",
+    "fits": "prediction (targets.fit: predicted peak within the target's usable memory)",
     "speedup": "measured (ours / baseline decode tokens/s, runs alternating in one process)",
     "decode_tokens_per_s_paired": "measured (ours, in the runs alternating with the baseline)",
 }

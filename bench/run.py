@@ -231,7 +231,8 @@ def roofline(art, target, precision: str | None, prompt_len: int, gen_len: int, 
         out["bytes_per_token_source"] = f"targets.fit: model config at {precision}, KV at mean context {mean_ctx}"
         peak = fit(cfg, target, precision, context=prompt_len + gen_len, batch=batch, check_support=False,
                    runtime=runtime, **group)
-        out["predicted_peak_memory_bytes"] = peak.required_bytes
+        out.update({"predicted_peak_memory_bytes": peak.required_bytes, "fits": peak.fits,
+                    "usable_bytes": peak.usable_bytes})
     else:
         kv = 0
         if cfg is not None:

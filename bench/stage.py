@@ -12,7 +12,6 @@ report labels the numbers "predicted". Measured records carry `"measured": true`
 from __future__ import annotations
 
 import datetime as _dt
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,20 +22,15 @@ from edgepack.bench.run import BenchConfig, run_bench
 PREDICTION_LABEL = "predicted (roofline: target bandwidth / bytes read per decode step; not measured)"
 
 
-def _machine_arch() -> str:
-    m = platform.machine().lower()
-    return {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "arm64"}.get(m, m)
-
-
 def hardware_present(target) -> tuple[bool, str]:
     """(is this machine the target's hardware, why). CPUs match by architecture; CUDA targets need a visible CUDA
     device with the target's SM (an H200 is sm_90 like an H100: same kernels, measured as such); Jetson targets also
     need a Jetson (/etc/nv_tegra_release)."""
-    from edgepack.targets.profile import _cuda_device
+    from edgepack.targets.profile import _cuda_device, machine_arch
 
     if target.name == "local":
         return True, "the 'local' target is this machine"
-    here = _machine_arch()
+    here = machine_arch()
     if target.device_type == "cpu":
         if target.arch == here:
             return True, f"this machine is {here}, like the target"
@@ -56,7 +50,7 @@ def predict_bench(art: Artifact, cfg: BenchConfig, target, reason: str) -> dict:
     """A bench record without measurement: per sweep point the roofline (bench.run.roofline) and the fit verdict at
     that point's context, headline keys null. Reads only config.json and the manifest."""
     from edgepack.bench.report import FIGURES
-    from edgepack.bench.run import artifact_precision, model_config, roofline, weight_file_bytes
+    from edgepack.bench.run import artifact_precision, roofline, weight_file_bytes
 
     errs = cfg.validate()
     if errs:
@@ -64,20 +58,14 @@ def predict_bench(art: Artifact, cfg: BenchConfig, target, reason: str) -> dict:
 
         raise ConfigError("bench settings: " + "; ".join(errs), "fix the values named")
     precision = artifact_precision(art)
-    mcfg = model_config(art.path)
     runtime = art.extra.get("runtime")  # refines fit's runtime overhead where it is measured per runtime
-    points, verdicts = [], []
+    points = []
     for p, g, b in cfg.points():
         pt = {"prompt_len": p, "gen_len": g, "batch": b, "decode_tokens_per_s": None, "prefill_tokens_per_s": None,
               "ttft_ms": None, "peak_memory_bytes": None, "bandwidth_utilization": None}
-        pt.update(roofline(art, target, precision, p, g, b, runtime=runtime))
-        if mcfg is not None and precision is not None:
-            from edgepack.targets.fit import fit
-
-            r = fit(mcfg, target, precision, context=p + g, batch=b, check_support=False, runtime=runtime)
-            pt.update({"fits": r.fits, "required_bytes": r.required_bytes, "usable_bytes": r.usable_bytes})
-            verdicts.append(r.fits)
+        pt.update(roofline(art, target, precision, p, g, b, runtime=runtime))  # with fit's verdict at p + g
         points.append(pt)
+    verdicts = [pt["fits"] for pt in points if "fits" in pt]
     first = points[0]
     prediction = {
         "label": PREDICTION_LABEL, "reason": reason, "precision": precision,

@@ -32,15 +32,11 @@ INT4_GROUP = 128  # torchao int4 tinygemm group size (input channels per scale)
 
 
 def local_cuda_sm() -> int | None:
-    """SM x10 of CUDA device 0, or None (no torch CUDA build or no device)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    major, minor = torch.cuda.get_device_capability(0)
-    return major * 10 + minor
+    """SM x10 of CUDA device 0, or None (no NVIDIA driver, no torch CUDA build or no device)."""
+    from edgepack.targets.profile import _cuda_device
+
+    cuda = _cuda_device()
+    return cuda["sm"] if cuda else None
 
 
 def tensorrt_importable() -> bool:

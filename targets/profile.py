@@ -158,6 +158,12 @@ def measure_bandwidth(n_bytes: int = 256 * 1024**2, repeats: int = 5) -> float:
     return 2 * n_bytes / best
 
 
+def machine_arch() -> str:
+    """This machine's CPU architecture in target-profile spelling (x86-64, arm64)."""
+    m = platform.machine().lower()
+    return {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "arm64"}.get(m, m)
+
+
 def _cuda_device() -> dict | None:
     """Name, memory and SM of CUDA device 0, importing torch only when an NVIDIA driver is visible."""
     import shutil
@@ -185,7 +191,7 @@ def local_target() -> Target:
     cuda = _cuda_device()
     jetson = Path("/etc/nv_tegra_release").exists()
     bw = measure_bandwidth()
-    arch = platform.machine().lower().replace("aarch64", "arm64").replace("amd64", "x86-64").replace("x86_64", "x86-64")
+    arch = machine_arch()
     measured = {"cpu_cores": os.cpu_count(), "ram_bytes": int(vm.total), "ram_available_bytes": int(vm.available),
                 "bandwidth_method": "best of 5 single-threaded numpy copies of 256 MiB", "cuda": cuda}
     if cuda and not jetson:
