@@ -11,25 +11,24 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import gc
-import json
 import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgepack.deploy.runtime import resolve_runtime
 from edgepack.errors import ConfigError, UnsupportedOnTarget
+from edgepack.facts import artifact_precision, group_size, read_model_config, weight_bytes
+from edgepack.formats import PROFILE_RUNTIMES
 
 BASELINES = ("hf",)
-# dtype in config.json -> precision name used by targets.fit
-_DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-_WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".onnx_data", ".bin", ".pt", ".gguf", ".engine", ".plan")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    runtime: str | None = None  # None: the artifact format's default runtime (deploy.runtime.DEFAULT_RUNTIME)
+    runtime: str | None = None  # None: the artifact's own (deploy.runtime.resolve_runtime)
     prompt_lens: tuple[int, ...] = (64,)  # prompt tokens per row
     gen_lens: tuple[int, ...] = (64,)  # generated tokens per row (the first comes from prefill)
     batches: tuple[int, ...] = (1,)  # rows generated together
@@ -37,7 +36,7 @@ class BenchConfig:
     min_seconds: float = 2.0  # more runs until this much wall time was measured per point (0 = exactly `runs`)
     warmup: int = 2  # discarded runs per point
     threads: int | None = None  # CPU threads for the runtime (None: its default)
-    baseline: str | None = None  # "hf": plain transformers generate on the same model, same process
+    baseline: str | None = field(default=None, metadata={"choices": BASELINES})  # "hf": plain transformers generate on the same model, same process
     baseline_model: str = ""  # HF checkpoint for the baseline when the artifact is not one (e.g. ONNX)
     seed: int = 0  # prompt token ids
     realtime: bool = False  # run the timed sections under SCHED_FIFO (a dedicated core on a shared machine; root)
@@ -66,58 +65,11 @@ class BenchConfig:
         return [(p, g, b) for b in self.batches for p in self.prompt_lens for g in self.gen_lens]
 
 
-def resolve_runtime(art, cfg: BenchConfig) -> str:
-    from edgepack.deploy.runtime import DEFAULT_RUNTIME, RUNTIMES
-    from edgepack.errors import did_you_mean
-
-    name = cfg.runtime or DEFAULT_RUNTIME.get(art.format)
-    if name is None:
-        raise ConfigError(f"no runtime runs '{art.format}' artifacts", f"pass --runtime, one of {', '.join(RUNTIMES)}")
-    if name not in RUNTIMES:
-        raise ConfigError(f"unknown runtime '{name}'{did_you_mean(name, RUNTIMES)}", f"known runtimes: {', '.join(RUNTIMES)}")
-    return name
-
-
 def check_target(target, runtime: str) -> None:
     """Ask the target whether it runs this runtime (only runtimes targets know about: 'hf' is a baseline)."""
-    from edgepack.targets.profile import RUNTIMES as TARGET_RUNTIMES
-
-    if runtime in TARGET_RUNTIMES and not target.supports(runtime=runtime):
+    if runtime in PROFILE_RUNTIMES and not target.supports(runtime=runtime):
         raise UnsupportedOnTarget(f"target '{target.name}' does not run the '{runtime}' runtime",
                                   f"its runtimes: {', '.join(target.runtimes)}; pass --runtime or another --target")
-
-
-def model_config(path: Path) -> dict | None:
-    p = Path(path) / "config.json"
-    try:
-        return json.loads(p.read_text()) if p.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def artifact_precision(art) -> str | None:
-    """Weight precision recorded by the stages (newest first: a 'precision' in metrics, config or extra), else the
-    dtype in config.json for HF checkpoints."""
-    from edgepack.targets.profile import PRECISIONS
-
-    for rec in reversed(art.history):
-        for d in (rec.get("metrics") or {}, rec.get("config") or {}):
-            if d.get("precision") in PRECISIONS:
-                return d["precision"]
-            method = str(d.get("method", ""))  # compress.quantize methods: int8, int4-gptq, int4-rtn, nf4, fp8
-            if method.split("-")[0] in PRECISIONS:
-                return method.split("-")[0]
-            bits = d.get("bits", d.get("weight_bits"))
-            if bits in (4, 8) and not isinstance(bits, bool):
-                return f"int{bits}"
-    if art.extra.get("precision") in PRECISIONS:
-        return art.extra["precision"]
-    cfg = model_config(art.path) or {}
-    return _DTYPE_PRECISION.get(cfg.get("dtype") or cfg.get("torch_dtype") or "float32") if art.format == "hf" else None
-
-
-def weight_file_bytes(art) -> int:
-    return sum(int(meta["bytes"]) for name, meta in art.files.items() if name.endswith(_WEIGHT_SUFFIXES))
 
 
 def find_baseline_model(art, explicit: str = "") -> Path:
@@ -205,27 +157,18 @@ def _nvpmodel_mode() -> str | None:
     return parse_nvpmodel(_run_quiet(["nvpmodel", "-q"]) or "")
 
 
-def artifact_group_size(art) -> int | None:
-    """Quantization group size recorded by the newest stage that has one (scales per group add bytes)."""
-    for rec in reversed(art.history):
-        for d in (rec.get("metrics") or {}, rec.get("config") or {}):
-            if isinstance(d.get("group_size"), int) and d["group_size"] > 0:
-                return d["group_size"]
-    return None
-
-
 def roofline(art, target, precision: str | None, prompt_len: int, gen_len: int, batch: int,
              runtime: str | None = None) -> dict:
     """Bytes read per generated token and what they imply: the bandwidth-bound decode limit (a prediction) and,
     from targets.fit, the predicted peak memory. Context for the KV cache: the mean during decode."""
-    cfg = model_config(art.path)
+    cfg = read_model_config(art.path, missing_ok=True)
     mean_ctx = prompt_len + max(gen_len - 1, 0) // 2
     bw = target.bandwidth_bytes_per_s
     out = {}
     if cfg is not None and precision is not None:
         from edgepack.targets.fit import fit
 
-        group = {"group_size": artifact_group_size(art)} if artifact_group_size(art) else {}
+        group = {"group_size": group_size(art)} if group_size(art) else {}
         r = fit(cfg, target, precision, context=mean_ctx, batch=batch, check_support=False, **group)
         out["bytes_per_token"] = r.bytes_per_token
         out["bytes_per_token_source"] = f"targets.fit: model config at {precision}, KV at mean context {mean_ctx}"
@@ -240,7 +183,7 @@ def roofline(art, target, precision: str | None, prompt_len: int, gen_len: int, 
 
             s = model_shape(cfg)
             kv = 2 * s.layers * s.kv_heads * s.head_dim * mean_ctx * batch * 4
-        out["bytes_per_token"] = int((weight_file_bytes(art) + kv) / batch)  # weights are read once per step
+        out["bytes_per_token"] = int((weight_bytes(art) + kv) / batch)  # weights are read once per step
         out["bytes_per_token_source"] = "artifact weight files on disk" + (" + fp32 KV cache" if kv else "")
     out["roofline_decode_tokens_per_s"] = bw / out["bytes_per_token"]  # all rows together
     return out
@@ -286,16 +229,16 @@ def run_bench(art, cfg: BenchConfig, target, *, progress=None) -> dict:
         token_agreement,
     )
     from edgepack.bench.memory import PeakMemory, reset_rss_peak, rss_peak_bytes
-    from edgepack.bench.report import finish_record
+    from edgepack.bench.record import finish_record
     from edgepack.deploy.runtime import open_runtime
 
     errs = cfg.validate()
     if errs:
         raise ConfigError("bench settings: " + "; ".join(errs), "fix the values named")
     say = progress or (lambda msg: None)
-    runtime = resolve_runtime(art, cfg)
+    runtime = resolve_runtime(art, cfg.runtime)
     check_target(target, runtime)
-    mcfg = model_config(art.path) or {}
+    mcfg = read_model_config(art.path, missing_ok=True) or {}
     max_pos = mcfg.get("max_position_embeddings")
     too_long = [(p, g) for p, g, _ in cfg.points() if max_pos and p + g > max_pos]
     if too_long:
@@ -362,7 +305,7 @@ def run_bench(art, cfg: BenchConfig, target, *, progress=None) -> dict:
     gc.collect()
     record = {
         "protocol": PROTOCOL, "artifact": str(art.path), "artifact_format": art.format,
-        "artifact_bytes": art.size_bytes(), "weight_bytes": weight_file_bytes(art), "precision": precision,
+        "artifact_bytes": art.size_bytes(), "weight_bytes": weight_bytes(art), "precision": precision,
         "runtime": runtime, "weight_precision_in_memory": mem_precision, "load_seconds": load_s, "load_peak_rss_bytes": load_peak,
         "target": {"name": target.name, "bandwidth_bytes_per_s": target.bandwidth_bytes_per_s,
                    "bandwidth_source": target.sources.get("bandwidth", "")},

@@ -26,7 +26,7 @@ def hardware_present(target) -> tuple[bool, str]:
     """(is this machine the target's hardware, why). CPUs match by architecture; CUDA targets need a visible CUDA
     device with the target's SM (an H200 is sm_90 like an H100: same kernels, measured as such); Jetson targets also
     need a Jetson (/etc/nv_tegra_release)."""
-    from edgepack.targets.profile import _cuda_device, machine_arch
+    from edgepack.targets.profile import cuda_device, machine_arch
 
     if target.name == "local":
         return True, "the 'local' target is this machine"
@@ -35,7 +35,7 @@ def hardware_present(target) -> tuple[bool, str]:
         if target.arch == here:
             return True, f"this machine is {here}, like the target"
         return False, f"target '{target.name}' is {target.arch}; this machine is {here}"
-    cuda = _cuda_device()  # imports torch only when an NVIDIA driver is visible
+    cuda = cuda_device()  # imports torch only when an NVIDIA driver is visible
     jetson = Path("/etc/nv_tegra_release").exists()
     if cuda is None:
         return False, f"target '{target.name}' is a CUDA {target.device_type} (sm_{target.sm}); this machine has no CUDA device"
@@ -49,8 +49,9 @@ def hardware_present(target) -> tuple[bool, str]:
 def predict_bench(art: Artifact, cfg: BenchConfig, target, reason: str) -> dict:
     """A bench record without measurement: per sweep point the roofline (bench.run.roofline) and the fit verdict at
     that point's context, headline keys null. Reads only config.json and the manifest."""
-    from edgepack.bench.report import FIGURES
-    from edgepack.bench.run import artifact_precision, roofline, weight_file_bytes
+    from edgepack.bench.record import FIGURES
+    from edgepack.bench.run import roofline
+    from edgepack.facts import artifact_precision, weight_bytes
 
     errs = cfg.validate()
     if errs:
@@ -79,7 +80,7 @@ def predict_bench(art: Artifact, cfg: BenchConfig, target, reason: str) -> dict:
     return {
         "protocol": "edgepack-bench-v1", "measured": False, "prediction": prediction,
         "artifact": str(art.path), "artifact_format": art.format, "artifact_bytes": art.size_bytes(),
-        "weight_bytes": weight_file_bytes(art), "precision": precision, "runtime": runtime,
+        "weight_bytes": weight_bytes(art), "precision": precision, "runtime": runtime,
         "decode_tokens_per_s": None, "prefill_tokens_per_s": None, "ttft_ms": None, "peak_memory_bytes": None,
         "bandwidth_utilization": None,
         "target": {"name": target.name, "bandwidth_bytes_per_s": target.bandwidth_bytes_per_s,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,27 +37,27 @@ class DistillConfig:
     seq_len: int = 256  # tokens per training sequence
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 400  # optimizer steps
+    steps: int = 400  # optimizer steps
     max_seconds: float | None = None  # also stop after this much training time (s); best weights are kept
     lr: float = 3e-3  # peak learning rate (AdamW); what the bench measured with
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20  # linear warmup (optimizer steps)
     weight_decay: float = 0.0
     alpha: float = 0.7  # weight of the cross-entropy term (1 = plain fine-tuning, no teacher); 0.7 measured best of
-    # 0.3 / 0.7 / 0.9 healing a depth-pruned stories260K on in-domain text (bench/prune_distill.py)
-    alpha_end: float | None = None  # None: constant alpha; else linear from alpha to alpha_end over max_steps
+    # 0.3 / 0.7 / 0.9 healing a depth-pruned stories260K on in-domain text (scripts/prune_distill.py)
+    alpha_end: float | None = None  # None: constant alpha; else linear from alpha to alpha_end over steps
     temperature: float = 2.0  # softmax temperature of the KL term
     eval_every: int = 50  # optimizer steps between held-out evaluations
     patience: int = 4  # evaluations without improvement before stopping (0 = never stop early)
     eval_max_tokens: int | None = None  # score at most this many held-out tokens per evaluation
-    teacher_cache: str = "memory"  # memory: float16 teacher logits cached per chunk; none: recompute every time
+    teacher_cache: str = field(default="memory", metadata={"choices": ("memory", "none")})  # memory: float16 teacher logits cached per chunk; none: recompute every time
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
     seed: int = 0
     threads: int | None = None  # torch CPU threads (None = torch's default)
 
     def validate(self) -> list[str]:
         errs = []
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "checkpoint_every"):
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 errs.append(f"{name} must be >= 1")
         if not 0.0 < self.holdout < 0.5:
@@ -78,14 +77,13 @@ class DistillConfig:
     def alpha_at(self, step: int) -> float:
         if self.alpha_end is None:
             return self.alpha
-        return self.alpha + (self.alpha_end - self.alpha) * min(1.0, step / max(1, self.max_steps))
+        return self.alpha + (self.alpha_end - self.alpha) * min(1.0, step / max(1, self.steps))
 
     def lr_at(self, step: int) -> float:
-        """Linear warmup to lr, then cosine to lr * min_lr_ratio at max_steps."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        t = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+        """lr x tune.schedule.warmup_cosine (the schedule the LoRA loop in tune/trainer.py uses too)."""
+        from edgepack.tune.schedule import warmup_cosine
+
+        return self.lr * warmup_cosine(step, warmup=self.warmup_steps, total=self.steps, min_ratio=self.min_lr_ratio)
 
     def uses_teacher(self) -> bool:
         return self.alpha < 1.0 or (self.alpha_end is not None and self.alpha_end < 1.0)
@@ -147,8 +145,10 @@ def _run_key(teacher: Artifact, src: Artifact, cfg: DistillConfig) -> str:
 
 def train(student, teacher, train_chunks, eval_fn, cfg: DistillConfig, ckpt_path: Path | None = None,
           on_step=None) -> dict:
-    """The training loop (a pure verb on torch models). Leaves the best weights (by eval_fn, lower is better) in
-    `student` and returns the run summary. eval_fn(student) -> held-out perplexity."""
+    """The distillation loop (a pure verb on torch models). Leaves the best weights (by eval_fn, lower is better) in
+    `student` and returns the run summary. eval_fn(student) -> held-out perplexity. It stays apart from the LoRA loop
+    in tune/trainer.py (full-parameter student, teacher logits, no accelerate / adapters); both take their
+    learning-rate schedule from tune.schedule."""
     import torch
 
     if cfg.threads:
@@ -209,7 +209,7 @@ def train(student, teacher, train_chunks, eval_fn, cfg: DistillConfig, ckpt_path
         state.update(ppl_start=eval_fn(student), best_step=0)
         state["best_ppl"] = state["ppl_start"]
         student.train()
-    while state["step"] < cfg.max_steps:
+    while state["step"] < cfg.steps:
         step = state["step"]
         for group in opt.param_groups:
             group["lr"] = cfg.lr_at(step)
@@ -231,8 +231,8 @@ def train(student, teacher, train_chunks, eval_fn, cfg: DistillConfig, ckpt_path
         state["train_seconds"] = time.perf_counter() - t_start
         state["train_cpu_seconds"] = time.process_time() - cpu_start
         if on_step:
-            on_step(state["step"], cfg.max_steps)
-        last = state["step"] == cfg.max_steps
+            on_step(state["step"], cfg.steps)
+        last = state["step"] == cfg.steps
         out_of_time = cfg.max_seconds is not None and state["train_seconds"] >= cfg.max_seconds
         if state["step"] % cfg.eval_every == 0 or last or out_of_time:
             ppl = eval_fn(student)
@@ -280,7 +280,8 @@ def distill(src: Artifact, cfg: DistillConfig, target, out: Path, *, force: bool
 
     from edgepack.artifact import check_output_dir
     from edgepack.compress.prune import chunk, heldout_perplexity, split_stream, text_path
-    from edgepack.hf import load_model, load_tokenizer, save_model, weight_bytes
+    from edgepack.facts import weight_bytes
+    from edgepack.hf import load_model, load_tokenizer, save_model
     from edgepack.progress import progress
 
     check_output_dir(Path(out), force)
@@ -311,7 +312,7 @@ def distill(src: Artifact, cfg: DistillConfig, target, out: Path, *, force: bool
         model.eval()
         return heldout_perplexity(model, tok, heldout, cfg.eval_max_tokens).perplexity
 
-    with progress("distill steps", total=cfg.max_steps, enabled=show_progress) as update:
+    with progress("distill steps", total=cfg.steps, enabled=show_progress) as update:
         run = train(student, teacher, train_chunks, eval_fn, cfg, ckpt, on_step=update)
     after = heldout_perplexity(student, tok, heldout)
     metrics = {

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgepack.artifact import Artifact, ArtifactWriter, link_files, stage_record
-from edgepack.compress.evaluate import PplProtocol, evaluate_artifact
+from edgepack.quality import PplProtocol, evaluate_artifact
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ SEMI_STRUCTURED_FEATURE = "sparse-2:4"  # target capability: hardware that runs 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: str = "wanda"  # magnitude | wanda | sparsegpt | 2:4 | depth | width
+    method: str = field(default="wanda", metadata={"choices": METHODS})  # magnitude | wanda | sparsegpt | 2:4 | depth | width
     sparsity: float = 0.5  # fraction removed: of weights (unstructured), of layers (depth), of MLP channels (width)
     calib: str = field(default="", metadata={"path": True})  # UTF-8 text; "" = the embedded TinyStories sample
     holdout: float = 0.1  # last fraction of the text's token stream: never calibrated on, scores ppl before/after
     calib_tokens: int = 16384  # tokens of calibration text (from the start of the stream)
     seq_len: int = 256  # tokens per calibration sequence
-    criterion: str = "wanda"  # 2:4 only: magnitude | wanda | sparsegpt
+    criterion: str = field(default="wanda", metadata={"choices": CRITERIA})  # 2:4 only: what picks the 2 of 4
     kv_sparsity: float = 0.0  # width only: fraction of KV groups (each with its query heads) also removed
     layers: tuple[int, ...] = ()  # depth only: remove exactly these layers (default: the least important ones)
     eval_max_tokens: int | None = None  # score at most this many held-out tokens (None = all)
@@ -57,14 +57,14 @@ class PruneConfig:
 
 # ------------------------------------------------------------------------------------------------ text data
 def text_path(path: str) -> Path:
-    from edgepack.plan import embedded_path, resolve_path
+    from edgepack.sources import embedded_path, resolve_path
 
     return embedded_path("tinystories-sample.txt") if not path else resolve_path(path, Path.cwd())
 
 
 def split_stream(tokenizer, path, holdout: float) -> tuple[list[int], list[int], str]:
     """(train ids, held-out ids, sha256 of the file): one token stream, the last `holdout` fraction held out."""
-    from edgepack.compress.evaluate import read_text
+    from edgepack.quality import read_text
 
     text, digest = read_text(path)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -86,7 +86,7 @@ def chunk(ids: list[int], seq_len: int, max_tokens: int | None = None):
 
 def heldout_perplexity(model, tokenizer, heldout: list[int], max_tokens: int | None = None):
     """edgepack-ppl-v1 perplexity of the held-out ids (BOS prepended once) -> PplResult."""
-    from edgepack.compress.evaluate import PplProtocol, hf_logits_fn, perplexity
+    from edgepack.quality import PplProtocol, hf_logits_fn, perplexity
 
     proto = PplProtocol(max_tokens=max_tokens).resolved(getattr(model.config, "max_position_embeddings", None))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -150,7 +150,8 @@ def prune(src: Artifact, cfg: PruneConfig, target, out: Path, *, force: bool = F
     import torch
 
     from edgepack.compress import prune_algos as pa
-    from edgepack.hf import load_model, load_tokenizer, save_model, weight_bytes
+    from edgepack.facts import weight_bytes
+    from edgepack.hf import load_model, load_tokenizer, save_model
 
     target_info = _check_target(cfg, target)  # before any weights load
     t0 = time.perf_counter()

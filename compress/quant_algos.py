@@ -15,7 +15,7 @@ Why our own GPTQ / AWQ / HQQ rather than a library:
   - onnxruntime's MatMulNBitsQuantizer GPTQ mode needs neural-compressor and calibrates through the ONNX graph,
     so the torch path could not share it; one torch implementation serves both runtimes with identical codes.
 Measured on stories260K, group 32, calibration on the first 90 % of the TinyStories sample, perplexity on the
-held-out 10 % (25k tokens, edgepack-ppl-v1; bench/quantize_table.py): RTN +10.8 %, HQQ +7.2 %, AWQ+RTN +8.6 %,
+held-out 10 % (25k tokens, edgepack-ppl-v1; scripts/quantize_table.py): RTN +10.8 %, HQQ +7.2 %, AWQ+RTN +8.6 %,
 GPTQ +5.5 %. GPTQ variants tried, none better beyond noise (+/-0.5 %): act-order, more / longer calibration
 sequences, damping 0.01-0.1, HQQ grids inside GPTQ, least-squares scale refits, AWQ scales before GPTQ, GPTAQ input
 correction (+6.2 %); dynamic groups were worse (+7 to +8 %). The simplest (static groups with a clip search,

@@ -75,7 +75,7 @@ def write_onnx_quant(model, src, cfg, dst: Path, calib) -> dict:
         extra = export_fp32(model, src.path, dst, cfg.exporter)
         details = int8_dynamic(dst / extra.get("onnx_file", "model.onnx"), digests)
     else:
-        from edgepack.compress.quantize import quantize_weights_
+        from edgepack.compress.quant_methods import quantize_weights_
 
         info: dict = {}
         qweights = int8_per_channel_(model) if cfg.method == "int8" else quantize_weights_(model, cfg, calib, info)

@@ -14,7 +14,7 @@ output is ordinary int4 codes + a float scale + an integer zero per group, what 
 
 The idea is that of EfficientQAT's end-to-end scale training and of AdaRound / SignRound's learned rounding, applied
 with a logits-level (KD) loss rather than per block. Measured on stories260K (edgepack-ppl-v1, held-out 10 % of the
-TinyStories sample, calibration on the first 90 %; bench/quantize_table.py): group 32 GPTQ +5.41 % -> +3.33 % (torch)
+TinyStories sample, calibration on the first 90 %; scripts/quantize_table.py): group 32 GPTQ +5.41 % -> +3.33 % (torch)
 / +3.39 % (onnx MatMulNBits), group 128 +9.15 % -> +5.34 %; seeds 0 / 1 of a direct run +2.9 / +3.0 %. Tried and
 dropped: per-block refinement of the same parameters on each decoder layer's output MSE (true-sequential, fp32 block
 targets): block MSE fell 20-30 % but perplexity stayed at +5.4 %; a linear-decay Adam step of 5e-3 (+4.1 %) or

@@ -235,7 +235,7 @@ def _nf4_kernels(model, names: set, device: str) -> str:
 # ------------------------------------------------------------------------------------------- scorer / runtime
 def open_torch_quant_scorer(art):
     """SCORERS entry: (logits_fn, tokenizer dir, max positions) for a torch-quant artifact."""
-    from edgepack.compress.evaluate import hf_logits_fn
+    from edgepack.quality import hf_logits_fn
 
     model, _ = load_quantized(art.path, "cpu")
     return hf_logits_fn(model), art.path, model.config.max_position_embeddings

@@ -24,28 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, stage_record
+from edgepack.compress.quant_methods import METHODS, quantize_weights_
 from edgepack.errors import ArtifactError, ConfigError, UnsupportedOnTarget, ValidationFailed, did_you_mean
 
-
-@dataclass(frozen=True)
-class Method:
-    precision: str  # what the target must list in `precisions`
-    formats: tuple[str, ...]  # artifact paths that implement it
-    calibrated: bool  # needs calibration text
-    requires: tuple[str, str] | None = None  # (python module, edgepack extra) checked before any weight loads
-
-
-# The names other tools rely on.
-METHODS: dict[str, Method] = {
-    "int8": Method("int8", ("onnx", "torch"), False),
-    "int4-rtn": Method("int4", ("onnx", "torch"), False),
-    "int4-gptq": Method("int4", ("onnx", "torch"), True),
-    "int4-hqq": Method("int4", ("onnx", "torch"), False),
-    "int4-awq": Method("int4", ("onnx", "torch"), True),
-    "nf4": Method("nf4", ("torch",), False, ("bitsandbytes", "tune")),
-    "fp8": Method("fp8", ("torch",), False),
-    "int4-gptq-kd": Method("int4", ("onnx", "torch"), True),  # GPTQ, then codes/scales refined by distillation
-}
 FORMATS = ("onnx", "torch")
 # Which artifact path serves each runtime a target may prefer (TensorRT consumes ONNX).
 RUNTIME_FORMAT = {"onnxruntime": "onnx", "tensorrt": "onnx", "torch-cuda": "torch", "torch-cpu": "torch"}
@@ -58,8 +39,10 @@ AUTO_ORDER = ("fp8", "int4-gptq", "int8")
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    method: str = "int4-gptq"  # one of METHODS, or "auto": the first of AUTO_ORDER the target runs (resolve_method)
-    format: str | None = None  # onnx | torch; None: the target's preferred runtime decides (torch without a target)
+    # one of METHODS (compress/quant_methods.py), or "auto": the first of AUTO_ORDER the target runs (resolve_method)
+    method: str = field(default="int4-gptq", metadata={"choices": (*METHODS, "auto")})
+    # onnx | torch; None: the target's preferred runtime decides (torch without a target)
+    format: str | None = field(default=None, metadata={"choices": ("onnx", "torch")})
     group_size: int = 32  # input channels per scale for int4 (power of two >= 16); int8 and fp8 are per channel
     symmetric: bool = False  # int4 only: symmetric grid (no zero points) instead of asymmetric min/max
     accuracy_level: int = 4  # ONNX MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fast on CPU)
@@ -188,8 +171,8 @@ def check_legal(cfg: QuantizeConfig, target) -> str:
 
 def split_texts(cfg: QuantizeConfig) -> tuple[str, str, dict]:
     """(calibration text, evaluation text, provenance) with no overlap between the two."""
-    from edgepack.compress.evaluate import read_text
-    from edgepack.plan import embedded_path
+    from edgepack.quality import read_text, split_at_line
+    from edgepack.sources import embedded_path
 
     calib_path = Path(cfg.calib) if cfg.calib else embedded_path("tinystories-sample.txt")
     eval_path = Path(cfg.eval_text) if cfg.eval_text else calib_path
@@ -198,9 +181,8 @@ def split_texts(cfg: QuantizeConfig) -> tuple[str, str, dict]:
         eval_text, eval_sha = read_text(eval_path)
         return calib_text, eval_text, {"calib": calib_path.name, "calib_sha256": calib_sha, "eval": eval_path.name,
                                        "eval_sha256": eval_sha, "split": "separate files"}
-    cut = calib_text.find("\n", int(len(calib_text) * cfg.calib_fraction))
-    cut = cut if cut > 0 else int(len(calib_text) * cfg.calib_fraction)
-    return calib_text[:cut], calib_text[cut:], {
+    calib_part, eval_part, cut = split_at_line(calib_text, cfg.calib_fraction)
+    return calib_part, eval_part, {
         "calib": calib_path.name, "eval": eval_path.name, "text_sha256": calib_sha,
         "split": f"calibration = first {cfg.calib_fraction:.0%} (chars 0..{cut}), evaluation = the rest"}
 
@@ -214,9 +196,8 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
                             "quantize the model before export (the onnx format exports it for you)")
     import numpy as np
 
-    from edgepack.compress.evaluate import PplProtocol, hf_logits_fn, perplexity, token_stream
-    from edgepack.convert import logits_parity, probe_ids
     from edgepack.hf import load_model, load_tokenizer
+    from edgepack.quality import PplProtocol, hf_logits_fn, logits_parity, perplexity, probe_ids, token_stream
 
     t0 = time.perf_counter()
     calib_text, eval_text, texts = split_texts(cfg)
@@ -241,7 +222,7 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
             n_calib = details.pop("calib_tokens")
             out_format, extra = "torch-quant", {}
         del model
-        from edgepack.compress.evaluate import open_scorer
+        from edgepack.quality import open_scorer
 
         scorer = open_scorer(Artifact(w.path, {"format": out_format, "extra": extra}, False))
         after = perplexity(scorer[0], eval_ids, proto)
@@ -279,38 +260,6 @@ def _calib_ids(cfg: QuantizeConfig, tok, calib_text: str, model):
     seq_len = min(cfg.calib_seq_len, model.config.max_position_embeddings)
     n = max(cfg.calib_samples, cfg.kd_samples) if cfg.method == "int4-gptq-kd" else cfg.calib_samples
     return calibration_ids(tok, calib_text, n, seq_len, tok.bos_token_id)
-
-
-def quantize_weights_(model, cfg: QuantizeConfig, calib=None, info: dict | None = None) -> dict:
-    """The model-level verb for the integer methods: quantize every decoder linear in place, return the codes
-    ({name: QuantizedWeight}). int8 is per output channel and symmetric. `info`, when given, receives what a
-    method measured about itself (int4-gptq-kd: held-out KL before / after distillation)."""
-    from edgepack.compress import quant_algos as qa
-
-    if cfg.method == "int8":
-        return qa.weight_only_model_(model, "rtn", bits=8, group_size=0, symmetric=True)
-    if cfg.method == "int4-rtn":
-        return qa.weight_only_model_(model, "rtn", 4, cfg.group_size, cfg.symmetric)
-    if cfg.method == "int4-hqq":
-        return qa.weight_only_model_(model, "hqq", 4, cfg.group_size)
-    if cfg.method == "int4-gptq":
-        return qa.gptq_model_(model, calib, 4, cfg.group_size, cfg.symmetric)
-    if cfg.method == "int4-awq":  # activation-aware scales folded into the norms, then round-to-nearest
-        qa.awq_scale_(model, calib, 4, cfg.group_size, cfg.symmetric)
-        return qa.weight_only_model_(model, "rtn", 4, cfg.group_size, cfg.symmetric)
-    if cfg.method == "int4-gptq-kd":
-        from edgepack.compress.quant_refine import gptq_kd_model_
-
-        codes, kd = gptq_kd_model_(model, calib, 4, cfg.group_size, cfg.symmetric, gptq_samples=cfg.calib_samples,
-                                   steps=cfg.kd_steps, seed=cfg.seed)
-        if info is not None:
-            info.update(kd)
-        return codes
-    raise ConfigError(f"'{cfg.method}' is not an integer method", f"integer methods: int8, {', '.join(_int4())}")
-
-
-def _int4() -> list[str]:
-    return [m for m in METHODS if m.startswith("int4")]
 
 
 def _write_torch(model, src: Artifact, cfg: QuantizeConfig, tok, calib_text: str, dst: Path) -> dict:

@@ -6,7 +6,7 @@ Layout of a bundle (a directory, or the same tree in a .tar):
     artifact/                the compiled artifact exactly as the stage wrote it (with its edgepack.json)
     tokenizer/               only when the artifact has no tokenizer files of its own
     runtime.json             how to run it: runtime name, context length, serving defaults
-    requirements.txt         what the device needs installed (derived from the runtime, see REQUIREMENTS_EXTRAS)
+    requirements.txt         what the device needs installed (the runtime's extras in edgepack.formats.RUNTIMES)
     README.md                a short note for whoever logs into the device
     SHA256SUMS               `sha256sum -c` input for every file above (bundle.json lists the same, and itself not)
     edgepack-serve.service   a systemd user unit that serves `current` (see README.md inside the bundle)
@@ -30,15 +30,18 @@ from pathlib import Path
 
 from edgepack.artifact import (
     Artifact,
+    AtomicOutput,
     check_output_dir,
     files_digest,
     hash_files,
     load_json,
     open_artifact,
-    read_model_config,
     sha256_file,
 )
+from edgepack.deploy.runtime import resolve_runtime
 from edgepack.errors import ArtifactError, ConfigError, UnsupportedOnTarget
+from edgepack.facts import artifact_precision, context_length
+from edgepack.formats import RUNTIMES
 
 BUNDLE_MANIFEST = "bundle.json"
 BUNDLE_SCHEMA = 1
@@ -46,30 +49,9 @@ SERVICE_NAME = "edgepack-serve.service"
 DEVICE_DIR = "edgepack"  # default install dir on the device, relative to the login user's home
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
-# runtime name -> the pyproject extras it needs on the device (core dependencies always come along). Read from the
-# installed edgepack's own metadata, so the versions are the ranges pyproject.toml declares, never a second copy.
-REQUIREMENTS_EXTRAS: dict[str, tuple[str, ...]] = {
-    "torch-cpu": ("serve",),
-    "torch-cuda": ("serve",),
-    "hf": ("serve",),
-    "onnxruntime": ("onnx", "serve"),
-    "onnxruntime-genai": ("genai", "serve"),
-    "torch-quant": ("torchao", "serve"),
-    "tensorrt": ("onnx", "tensorrt", "serve"),
-}
-# edgepack runtime -> the target-profile runtimes (targets/profile.py RUNTIMES) any one of which can run it
-TARGET_RUNTIMES: dict[str, tuple[str, ...]] = {
-    "hf": ("torch-cpu", "torch-cuda"),
-    "torch-quant": ("torch-cpu", "torch-cuda"),
-}
-_TARGET_RUNTIME_NAMES = ("onnxruntime", "torch-cpu", "torch-cuda", "tensorrt")  # targets/profile.py RUNTIMES
-# dtype in a checkpoint's config.json -> the precision name targets use
-_DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-
-
 @dataclass(frozen=True)
 class BundleConfig:
-    runtime: str | None = None  # None: the artifact's own (manifest extra["runtime"], else DEFAULT_RUNTIME by format)
+    runtime: str | None = None  # None: the artifact's own (deploy.runtime.resolve_runtime)
     device_dir: str = DEVICE_DIR  # where `edgepack push --dest` puts it; the service unit points there
     port: int = 8000  # the service unit's port (it binds 127.0.0.1; put a reverse proxy in front to expose it)
     max_tokens_cap: int = 512  # serve refuses max_tokens above this (tokens)
@@ -88,47 +70,6 @@ class BundleConfig:
 
 
 # ------------------------------------------------------------------------------------------- what the artifact is
-def artifact_runtime(art: Artifact, runtime: str | None = None) -> str:
-    """The runtime that runs `art`: the one asked for, the manifest's extra["runtime"], else the format default."""
-    from edgepack.deploy.runtime import DEFAULT_RUNTIME, RUNTIMES
-
-    name = runtime or art.extra.get("runtime") or DEFAULT_RUNTIME.get(art.format)
-    if name is None:
-        raise ConfigError(f"'{art.path}' is a '{art.format}' artifact and no runtime runs that format",
-                          f"compile it first, or pass --runtime (known: {', '.join(RUNTIMES)})")
-    if name not in TARGET_RUNTIMES and name not in _TARGET_RUNTIME_NAMES and name not in RUNTIMES:
-        raise ConfigError(f"unknown runtime '{name}'", f"known runtimes: {', '.join(RUNTIMES)}")
-    return name
-
-
-def check_runtime_available(runtime: str) -> None:
-    """The runtime must exist in deploy.runtime.RUNTIMES: serve and bench on the device open it from there."""
-    from edgepack.deploy.runtime import RUNTIMES
-
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"runtime '{runtime}' is not available in this edgepack, so a bundle for it could not be "
-                          "served or benchmarked on the device", f"runtimes available: {', '.join(RUNTIMES)}")
-
-
-def artifact_precision(art: Artifact) -> str | None:
-    """Weight precision: the manifest's extra["precision"], else the newest stage whose config names a precision
-    ("precision", or a quantize "method" such as int4-rtn), else the dtype in config.json for a checkpoint."""
-    from edgepack.targets.profile import PRECISIONS
-
-    if art.extra.get("precision"):
-        return str(art.extra["precision"])
-    for rec in reversed(art.history):
-        cfg = rec.get("config") or {}
-        for key in ("precision", "method"):
-            val = str(cfg.get(key) or "").split("-")[0]
-            if val in PRECISIONS:
-                return val
-    if (art.path / "config.json").is_file():
-        cfg = read_model_config(art.path)
-        return _DTYPE_PRECISION.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"))
-    return None
-
-
 def engine_sm(art: Artifact) -> int | None:
     """The GPU architecture (SM x10) a prebuilt engine was built for, if the artifact is one."""
     for key in ("engine_sm", "sm"):
@@ -140,7 +81,7 @@ def engine_sm(art: Artifact) -> int | None:
 def check_runs_on(art: Artifact, target, runtime: str) -> str | None:
     """Raise UnsupportedOnTarget unless `art` can run on `target` with `runtime`. Returns the precision."""
     on_cuda = art.extra.get("device") == "cuda"
-    offered = TARGET_RUNTIMES.get(runtime, (runtime,))
+    offered = RUNTIMES[runtime].hosts
     if on_cuda:
         offered = tuple(r for r in offered if r != "torch-cpu")
     if on_cuda and not target.has_cuda:
@@ -177,10 +118,7 @@ def device_requirements(runtime: str, system_tensorrt: bool = False) -> list[str
     that build engines on the device: JetPack ships TensorRT for its L4T and CUDA, PyPI's wheels do not fit it)."""
     from importlib import metadata
 
-    if runtime not in REQUIREMENTS_EXTRAS:
-        raise ConfigError(f"no device requirements are known for runtime '{runtime}'",
-                          "add it to REQUIREMENTS_EXTRAS in deploy/bundle.py")
-    extras = set(REQUIREMENTS_EXTRAS[runtime]) - ({"tensorrt"} if system_tensorrt else set())
+    extras = set(RUNTIMES[runtime].extras) - ({"tensorrt"} if system_tensorrt else set())
     out = []
     for line in metadata.requires("edgepack") or []:
         spec, _, marker = line.partition(";")
@@ -188,15 +126,6 @@ def device_requirements(runtime: str, system_tensorrt: bool = False) -> list[str
         if m is None or m.group(1) in extras:
             out.append(spec.strip())
     return sorted(set(out), key=str.lower)
-
-
-def _context_length(art: Artifact) -> int | None:
-    if art.extra.get("context"):
-        return int(art.extra["context"])
-    if (art.path / "config.json").is_file():
-        cfg = read_model_config(art.path)
-        return cfg.get("max_position_embeddings")
-    return None
 
 
 # --------------------------------------------------------------------------------------------------- writing
@@ -210,9 +139,8 @@ def make_bundle(artifact, target, out, cfg: BundleConfig = BundleConfig(), *, fo
         raise ConfigError("bundle settings: " + "; ".join(errs), "fix the values named")
     art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
     art.verify()
-    runtime = artifact_runtime(art, cfg.runtime)
+    runtime = resolve_runtime(art, cfg.runtime)
     precision = check_runs_on(art, target, runtime)
-    check_runtime_available(runtime)
     tok_src = None
     if not any((art.path / m).is_file() for m in TOKENIZER_MARKERS):
         if not cfg.tokenizer:
@@ -223,16 +151,11 @@ def make_bundle(artifact, target, out, cfg: BundleConfig = BundleConfig(), *, fo
             raise ArtifactError(f"--tokenizer '{tok_src}' holds no tokenizer files", "point at a model directory")
     out = Path(out)
     as_tar = out.name.endswith((".tar", ".tar.gz", ".tgz"))
-    if as_tar and out.exists() and not force:
-        raise ArtifactError(f"output '{out}' already exists", "choose another -o, or pass --force to replace it")
-    if not as_tar:
-        check_output_dir(out, force)
+    check_output_dir(out, force)
     requirements = device_requirements(runtime, system_tensorrt=target.engine_build == "device")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        root = work / "bundle"
+    with AtomicOutput(out, force=force) as w:
+        root = w.path / "bundle"
         _copy_tree(art.path, root / "artifact")
         if tok_src is not None:
             from edgepack.hf import copy_tokenizer
@@ -240,7 +163,7 @@ def make_bundle(artifact, target, out, cfg: BundleConfig = BundleConfig(), *, fo
             (root / "tokenizer").mkdir()
             copy_tokenizer(tok_src, root / "tokenizer")
         name = _slug(cfg.name or art.path.name)
-        runtime_cfg = {"runtime": runtime, "precision": precision, "format": art.format, "context": _context_length(art),
+        runtime_cfg = {"runtime": runtime, "precision": precision, "format": art.format, "context": context_length(art),
                        "max_tokens_cap": cfg.max_tokens_cap, "port": cfg.port,
                        "tokenizer": "tokenizer" if tok_src is not None else "artifact",
                        "engine_build": target.engine_build}
@@ -266,15 +189,10 @@ def make_bundle(artifact, target, out, cfg: BundleConfig = BundleConfig(), *, fo
         }
         (root / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         if as_tar:
-            tmp_tar = work / out.name
-            _write_tar(root, tmp_tar)
-            os.replace(tmp_tar, out)
+            _write_tar(root, w.path / out.name)
+            w.publish(w.path / out.name)
         else:
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(root, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            w.publish(root)
     return out
 
 

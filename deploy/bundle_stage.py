@@ -17,6 +17,7 @@ from pathlib import Path
 from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, link_files, stage_record
 from edgepack.deploy.bundle import TOKENIZER_MARKERS, BundleConfig, make_bundle, verify_bundle
 from edgepack.errors import ConfigError
+from edgepack.facts import group_size, read_model_config, read_runtime_json
 
 BUNDLE_SUBDIR = "bundle"
 FIT_CONTEXT_CAP = 4096  # tokens: the fit verdict's context is the model's maximum, capped here (a 128k Llama would
@@ -36,14 +37,13 @@ def _lineage_tokenizer(src: Artifact) -> str | None:
 def fit_verdict(art: Artifact, target, precision: str | None, context: int | None,
                 runtime: str | None = None) -> dict | None:
     """targets.fit at the bundle's context (capped), batch 1; None when the artifact has no config.json."""
-    from edgepack.bench.run import artifact_group_size, model_config
     from edgepack.targets.fit import fit
 
-    mcfg = model_config(art.path)
+    mcfg = read_model_config(art.path, missing_ok=True)
     if mcfg is None or precision is None:
         return None
     ctx = min(int(context or 2048), FIT_CONTEXT_CAP)
-    group = artifact_group_size(art)
+    group = group_size(art)
     r = fit(mcfg, target, precision, context=ctx, batch=1, check_support=False, runtime=runtime,
             **({"group_size": group} if group else {}))
     return {"fits": r.fits, "required_bytes": r.required_bytes, "usable_bytes": r.usable_bytes,
@@ -68,16 +68,10 @@ def bundle_stage(src: Artifact, cfg: BundleConfig, target, out: Path, *, force: 
         metrics = {"bundle_id": m["bundle_id"], "bundle_path": BUNDLE_SUBDIR, "bundle_bytes": size,
                    "bundle_files": len(m["files"]), "runtime": m["runtime"], "precision": m["precision"],
                    "engine_build": target.engine_build,
-                   "fit": fit_verdict(src, target, m["precision"], _context(bdir), m["runtime"])}
+                   "fit": fit_verdict(src, target, m["precision"], read_runtime_json(bdir).get("context"), m["runtime"])}
         rec = stage_record("bundle", asdict(cfg), time.perf_counter() - t0, metrics, target=target.name,
                            parent=src.digest())
         return w.commit(format=src.format, record=rec, parent=src, extra=src.extra)
 
 
-def _context(bdir: Path) -> int | None:
-    import json
 
-    try:
-        return json.loads((bdir / "runtime.json").read_text()).get("context")
-    except (OSError, ValueError):
-        return None

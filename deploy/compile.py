@@ -27,10 +27,12 @@ import dataclasses
 import importlib.util
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, link_files, stage_record
+from edgepack.compress.quant_methods import METHODS
+from edgepack.deploy.onnx_export import EXPORTERS
 from edgepack.errors import ConfigError, MissingDependency, UnsupportedOnTarget, ValidationFailed
 
 COMPILE_RUNTIMES = ("onnxruntime",)  # runtimes this stage can build for
@@ -38,17 +40,20 @@ QUANT_METHOD = {"int8": "int8"}  # precision -> quantize method; int4 uses cfg.i
 PRECISION_ORDER = ("int4", "int8", "fp32")  # fastest first, for the default choice
 GPU_PRECISIONS = ("bf16", "fp16", "fp8")  # also accepted for CUDA targets (deploy/gpu_compile.py checks legality)
 BUILDERS = ("auto", "edgepack", "genai")
+INT4_METHODS = tuple(m for m, spec in METHODS.items() if spec.precision == "int4" and spec.handler is not None)
 
 
 @dataclass(frozen=True)
 class CompileConfig:
-    precision: str | None = None  # fp32 | int8 | int4; None = the fastest the target supports that this build makes
+    # fp32 | int8 | int4 (CUDA targets also bf16 | fp16 | fp8); None = the fastest the target runs that this build makes
+    precision: str | None = field(default=None, metadata={"choices": (*PRECISION_ORDER, *GPU_PRECISIONS)})
     runtime: str | None = None  # None = the target's preferred runtime
-    int4_method: str = "int4-rtn"  # quantize method for int4: int4-rtn | int4-gptq | int4-hqq | int4-gptq-kd
+    # quantize method for int4 (compress/quant_methods.py): int4-rtn | int4-gptq | int4-hqq | int4-awq | int4-gptq-kd
+    int4_method: str = field(default="int4-rtn", metadata={"choices": INT4_METHODS})
     group_size: int = 32  # int4: input channels per scale (MatMulNBits block size)
     accuracy_level: int = 4  # MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0 = unset
-    exporter: str = "dynamo"  # builder "edgepack": torch.onnx exporter, dynamo | torchscript
-    builder: str = "auto"  # auto | edgepack (torch.onnx export + quantize stage) | genai (onnxruntime-genai builder)
+    exporter: str = field(default="dynamo", metadata={"choices": EXPORTERS})  # builder "edgepack": torch.onnx exporter
+    builder: str = field(default="auto", metadata={"choices": BUILDERS})  # auto | edgepack (torch.onnx export + quantize stage) | genai (onnxruntime-genai builder)
     genai_options: tuple[str, ...] = ()  # genai int4: KEY=VALUE over deploy/genai_builder.py GENAI_INT4_DEFAULTS
     measure_tokens: int = 32  # greedy tokens decoded after compiling to record decode tokens/s; 0 = skip
     threads: int | None = None  # onnxruntime intra-op threads recorded for the runtime; None = physical cores
@@ -60,8 +65,8 @@ class CompileConfig:
         errs = []
         if self.precision not in (None, *PRECISION_ORDER, *GPU_PRECISIONS):
             errs.append(f"precision must be one of {', '.join(PRECISION_ORDER + GPU_PRECISIONS)}")
-        if not self.int4_method.startswith("int4-"):
-            errs.append("int4_method must be an int4 quantize method (int4-rtn, int4-gptq, int4-hqq)")
+        if self.int4_method not in INT4_METHODS:
+            errs.append(f"int4_method must be an int4 quantize method ({', '.join(INT4_METHODS)})")
         if self.measure_tokens < 0:
             errs.append("measure_tokens must be >= 0")
         if self.threads is not None and self.threads < 1:
@@ -162,8 +167,8 @@ def resolve_builder(cfg: CompileConfig, src: Artifact, path: dict) -> tuple[str,
         return "edgepack", f"{path['precision']} on {path['device']}: the exported graph (exact for fp32)"
     if importlib.util.find_spec("onnxruntime_genai") is None:
         return "edgepack", "onnxruntime-genai is not installed (pip install 'edgepack[genai]' for the faster int4 path)"
-    from edgepack.artifact import read_model_config
     from edgepack.deploy.genai_builder import GQA_HEAD_MULTIPLE, vocab_width_clash
+    from edgepack.facts import read_model_config
 
     mc = read_model_config(src.path)
     head_dim = mc.get("head_dim") or mc["hidden_size"] // mc["num_attention_heads"]
@@ -176,9 +181,9 @@ def resolve_builder(cfg: CompileConfig, src: Artifact, path: dict) -> tuple[str,
 
 def measure_decode(art_dir: Path, extra: dict, tokens: int, threads: int | None) -> dict:
     """Greedy decode speed of the compiled graph: median-free smoke figure (bench does warm-ups and repeats)."""
-    from edgepack.convert import probe_ids
     from edgepack.deploy.generation import GenerationConfig, generate
     from edgepack.deploy.ort_runtime import OrtRuntime
+    from edgepack.quality import probe_ids
 
     rt = OrtRuntime(art_dir, extra, threads=threads)
     prompt = probe_ids(extra["vocab_size"], length=16, seed=2)
@@ -208,8 +213,8 @@ def compile_stage(src: Artifact, cfg: CompileConfig, target, out: Path, *, force
     builder, why = resolve_builder(cfg, src, path)
     genai = builder == "genai"
     if genai:
-        from edgepack.artifact import read_model_config
         from edgepack.deploy.genai_builder import check_genai
+        from edgepack.facts import read_model_config
 
         if src.format != "hf":
             raise ConfigError("the onnxruntime-genai builder reads Hugging Face checkpoints",
@@ -263,10 +268,9 @@ def check_parity(parity: dict, precision: str) -> dict:
 
 def parity_vs_source(src: Artifact, onnx_dir: Path, extra: dict) -> dict:
     """Logits of a graph built outside our export (the genai builder) against the PyTorch source on the probe."""
-    from edgepack.compress.evaluate import hf_logits_fn
-    from edgepack.convert import logits_parity
     from edgepack.deploy.ort_runtime import OrtRuntime
     from edgepack.hf import load_model
+    from edgepack.quality import hf_logits_fn, logits_parity
 
     return logits_parity(hf_logits_fn(load_model(src, device="cpu")), OrtRuntime(onnx_dir, extra).forward_logits,
                          extra["vocab_size"])

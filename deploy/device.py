@@ -1,4 +1,4 @@
-"""`edgepack device prepare BUNDLE`: run ON the device (by hand, or by `edgepack remote prepare` over SSH).
+"""What `edgepack device prepare BUNDLE` does: run ON the device (by hand, or by `edgepack remote prepare` over SSH).
 
 For a bundle whose runtime is tensorrt and whose target builds engines on the device (Jetson), it builds the engine
 from the bundle's ONNX + trt_build.json into BUNDLE/engine-cache (keyed by TensorRT version and SM; a cached one is
@@ -12,19 +12,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import click
-
-from edgepack.commands import json_opt
 from edgepack.errors import MissingDependency, UnsupportedOnTarget
-from edgepack.output import emit_json, print_table
+from edgepack.formats import RUNTIMES
 
-# runtime -> (module, pyproject extra) that must import on the device
-RUNTIME_MODULES = {
-    "onnxruntime": [("onnxruntime", "onnx")],
-    "torch-cpu": [("torch", "")],
-    "torch-cuda": [("torch", "")],
-    "torch-quant": [("torch", ""), ("torchao", "torchao")],
-}
 TORCHAO_PRECISIONS = ("int8", "int4", "fp8")
 
 
@@ -36,7 +26,7 @@ def prepare_bundle(bundle: Path) -> dict:
     m = read_bundle_manifest(bundle)
     runtime, target = m.get("runtime"), m.get("target") or {}
     steps = []
-    needs = list(RUNTIME_MODULES.get(runtime, []))
+    needs = list(RUNTIMES[runtime].modules if runtime in RUNTIMES else ())
     if runtime == "torch-cuda" and m.get("precision") in TORCHAO_PRECISIONS:
         needs.append(("torchao", "torchao"))
     if runtime == "tensorrt":  # the build checks tensorrt (naming the install and the trtexec line) and the SM
@@ -47,7 +37,7 @@ def prepare_bundle(bundle: Path) -> dict:
             raise MissingDependency(module, extra or "serve", f"runtime '{runtime}' of bundle {m['bundle_id']}")
         steps.append(["import", module, "ok"])
     if target.get("sm") is not None and runtime == "torch-cuda":
-        from edgepack.deploy.gpu_compile import local_cuda_sm
+        from edgepack.targets.profile import local_cuda_sm
 
         sm = local_cuda_sm()
         if sm is None:
@@ -72,20 +62,3 @@ def build_bundle_engine(bundle: Path) -> list:
     peak = info.get("peak_host_mem_used_bytes")
     return ["tensorrt engine", what, f"{ENGINE_CACHE_DIR}/{info['engine']} (TensorRT {info['trt_version']}, "
             f"sm_{info['sm']}" + (f", build used {peak / 2**20:.0f} MiB" if peak else "") + ")"]
-
-
-@click.group("device")
-def device_group():
-    """Commands that run on the device itself: prepare (engine build, import checks)."""
-
-
-@device_group.command("prepare")
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@json_opt
-def prepare_cmd(bundle, as_json):
-    """Build the TensorRT engine of BUNDLE here (Jetson targets), or check its runtime imports (others)."""
-    rep = prepare_bundle(Path(bundle))
-    if as_json:
-        emit_json(rep)
-        return
-    print_table(f"device prepare {rep['bundle_id']}", ["step", "result", "detail"], rep["steps"])

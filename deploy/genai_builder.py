@@ -26,7 +26,7 @@ GQA_HEAD_MULTIPLE = 16  # onnxruntime CPU GroupQueryAttention: "head_size shall 
 # The builder's int4 defaults (RTN, 4 bits everywhere incl. lm_head and the embedding Gather) cost too much quality:
 # logit SQNR -2.9 dB on a random 25M Llama, against 9.2 dB for llama.cpp Q4_0. Ours by default: the embedding stays
 # fp32 (a Gather, free at decode), lm_head at int8 (the most output-sensitive matrix, as llama.cpp's Q6_K output),
-# the body int4 with k_quant's scale search. Chosen by bench/cpu_vs_llamacpp.py (see the README table).
+# the body int4 with k_quant's scale search. Chosen by scripts/cpu_vs_llamacpp.py (see the README table).
 # Option names as onnxruntime-genai 0.18 reads them: its help calls the old int4_-prefixed names (int4_block_size,
 # int4_accuracy_level, ...) deprecated aliases, but its parser ignores them silently (checked: block 128 built 32).
 GENAI_INT4_DEFAULTS = {"op_types_to_quantize": "MatMul", "algo_config": "k_quant",
@@ -103,7 +103,7 @@ def check_genai(model_config: dict, precision: str) -> None:
 def build_genai(src_dir: Path, dst: Path, precision: str, *, accuracy_level: int = 4, block_size: int = 32,
                 options: tuple[str, ...] | list[str] = ()) -> dict:
     """Run the builder into dst (model.onnx + model.onnx.data + genai_config.json + tokenizer); return `extra`."""
-    from edgepack.artifact import read_model_config
+    from edgepack.facts import read_model_config
     from edgepack.hf import copy_tokenizer
 
     cfg = read_model_config(src_dir)

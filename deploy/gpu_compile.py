@@ -21,22 +21,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, link_files, read_model_config, stage_record
+from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, link_files, stage_record
 from edgepack.errors import ConfigError, UnsupportedOnTarget
+from edgepack.facts import read_model_config
+from edgepack.targets.profile import local_cuda_sm
 
 TORCH_CUDA_PRECISIONS = ("bf16", "fp16", "fp32", "int8", "int4", "fp8")
 TRT_PRECISIONS = ("fp16", "bf16", "fp32")
-RUNTIME_FILE = "torch_cuda.json"  # torch-cuda runtime settings, next to the weights
 DEFAULT_MAX_CONTEXT = 4096  # tokens: the static cache is allocated in full, so do not default to 128k contexts
-INT4_GROUP = 128  # torchao int4 tinygemm group size (input channels per scale)
-
-
-def local_cuda_sm() -> int | None:
-    """SM x10 of CUDA device 0, or None (no NVIDIA driver, no torch CUDA build or no device)."""
-    from edgepack.targets.profile import _cuda_device
-
-    cuda = _cuda_device()
-    return cuda["sm"] if cuda else None
 
 
 def tensorrt_importable() -> bool:
@@ -152,6 +144,7 @@ def _record(src, cfg, path, target, metrics: dict, t0: float) -> dict:
 def _torch_cuda(src, cfg, path, target, out, force, t0) -> Artifact:
     import torch
 
+    from edgepack.deploy.torch_cuda import INT4_GROUP, RUNTIME_FILE
     from edgepack.hf import copy_tokenizer, load_model
 
     if src.format not in ("hf", "torch-quant"):
@@ -190,9 +183,9 @@ def measure_torch_cuda(art_dir: Path, extra: dict, tokens: int) -> dict:
     """Smoke decode figure on the GPU (bench does the careful one)."""
     import torch
 
-    from edgepack.convert import probe_ids
     from edgepack.deploy.generation import GenerationConfig, generate
     from edgepack.deploy.torch_cuda import open_torch_cuda_dir
+    from edgepack.quality import probe_ids
 
     rt = open_torch_cuda_dir(art_dir, extra)
     prompt = probe_ids(extra.get("vocab_size") or rt.model.config.vocab_size, length=16, seed=2)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, stage_record
@@ -37,7 +37,7 @@ _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 5
 
 @dataclass(frozen=True)
 class ExportConfig:
-    exporter: str = "dynamo"  # dynamo | torchscript
+    exporter: str = field(default="dynamo", metadata={"choices": EXPORTERS})  # dynamo | torchscript
     opset: int = 18  # ONNX opset (torchscript path: at most 20)
     atol: float = 1e-4  # max |logit difference| against PyTorch on the fixed probe (float32 logits)
     greedy_tokens: int = 64  # greedy tokens decoded through the KV cache and compared with PyTorch; 0 = skip
@@ -166,11 +166,10 @@ def validate_export(model, art_dir: Path, extra: dict, cfg: ExportConfig, thread
     """Logits parity on the fixed probe and greedy agreement through the cache; raises ValidationFailed."""
     import numpy as np
 
-    from edgepack.compress.evaluate import hf_logits_fn
-    from edgepack.convert import logits_parity, probe_ids
     from edgepack.deploy.generation import GenerationConfig, generate
     from edgepack.deploy.ort_runtime import OrtRuntime
     from edgepack.deploy.torch_runtime import TorchRuntime
+    from edgepack.quality import hf_logits_fn, logits_parity, probe_ids
 
     rt = OrtRuntime(Path(art_dir), extra, threads=threads)
     metrics = logits_parity(hf_logits_fn(model), rt.forward_logits, extra["vocab_size"])

@@ -40,9 +40,9 @@ def convert_fp16(src_dir: Path, dst_dir: Path, extra: dict) -> dict:
 def check_fp16(ref_dir: Path, ref_extra: dict, dir16: Path, extra16: dict) -> dict:
     import numpy as np
 
-    from edgepack.convert import probe_ids
     from edgepack.deploy.generation import GenerationConfig, generate
     from edgepack.deploy.ort_runtime import OrtRuntime
+    from edgepack.quality import probe_ids
 
     ref_rt, rt16 = OrtRuntime(ref_dir, ref_extra), OrtRuntime(dir16, extra16)
     probe = probe_ids(ref_extra["vocab_size"], length=8, seed=1)

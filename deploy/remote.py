@@ -16,7 +16,7 @@ from edgepack.deploy.ship import (
     DEFAULT_DEST,
     Remote,
     RemoteError,
-    _dest_sh,
+    dest_sh,
     device_state,
     read_remote_json,
     verify_on_device,
@@ -81,7 +81,7 @@ def remote_prepare(remote: Remote, dest: str = DEFAULT_DEST, *, remote_python: s
     requirements.txt installed, edgepack's version checked, and the TensorRT engine built on the device when the
     bundle's target builds engines there. Returns a report of each step."""
     state, m = _active_manifest(remote, dest)
-    d = _dest_sh(dest)
+    d = dest_sh(dest)
     steps = [check_device_matches(remote, m.get("target") or {})]
     if remote_python is None:
         py = f"{d}/venv/bin/python"
@@ -136,7 +136,7 @@ def remote_bench(remote: Remote, dest: str = DEFAULT_DEST, *, remote_edgepack: s
     """Run `edgepack bench` on the device against the active release and bring its JSON record back; saved under
     results_dir as <host>-<bundle id>-<UTC time>.json when given. The record gains a "remote" section."""
     state, m = _active_manifest(remote, dest)
-    d = _dest_sh(dest)
+    d = dest_sh(dest)
     ep = _cmd(remote_edgepack or default_remote_edgepack(dest))
     extra = " ".join(shlex.quote(a) for a in shlex.split(bench_args))
     cmd = f"{ep} bench {d}/current/artifact --json {extra}".strip()

@@ -8,8 +8,9 @@
     rt.memory_report()              # {"rss_bytes": ..., "cuda_peak_bytes": ...} what this runtime can see
     rt.describe()                   # {"runtime": name, "device": ..., "threads": ..., versions}
 
-Generation, sampling and timing are in `edgepack.deploy.generation` and are shared by all runtimes, so bench and
-serve measure every runtime the same way.
+The closed table of runtimes (name -> factory, which target runtimes host it, what a device installs) is
+edgepack.formats.RUNTIMES. Generation, sampling and timing are in `edgepack.deploy.generation` and are shared by all
+runtimes, so bench and serve measure every runtime the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from edgepack.errors import ConfigError, did_you_mean
+from edgepack.formats import RUNTIMES, default_runtime
 
 
 class Runtime(Protocol):
@@ -38,31 +40,21 @@ class Runtime(Protocol):
     def describe(self) -> dict: ...
 
 
-# runtime name -> "module:factory(artifact, **options) -> Runtime". Later issues add onnxruntime, torch-cuda, tensorrt.
-RUNTIMES: dict[str, str] = {
-    "torch-cpu": "edgepack.deploy.torch_runtime:open_torch_runtime",
-    "hf": "edgepack.deploy.torch_runtime:open_hf_baseline",
-    "onnxruntime": "edgepack.deploy.ort_runtime:open_ort_runtime",
-    "torch-quant": "edgepack.compress.quant_torch:open_torch_quant_runtime",
-    "torch-cuda": "edgepack.deploy.torch_cuda:open_torch_cuda_runtime",
-    "tensorrt": "edgepack.deploy.tensorrt_runtime:open_tensorrt_runtime",
-}
-
-# artifact format -> the runtime that runs it by default
-DEFAULT_RUNTIME: dict[str, str] = {
-    "hf": "torch-cpu",
-    "onnx": "onnxruntime",
-    "torch-quant": "torch-quant",
-}
+def resolve_runtime(art, runtime: str | None = None) -> str:
+    """The runtime that runs `art`: the one asked for, else the manifest's extra["runtime"], else its format's
+    default (edgepack.formats). Unknown names get a did-you-mean."""
+    name = runtime or art.extra.get("runtime") or default_runtime(art.format)
+    if name is None:
+        raise ConfigError(f"'{art.path}' is a '{art.format}' artifact and no runtime runs that format",
+                          f"compile it first, or pass --runtime (known: {', '.join(RUNTIMES)})")
+    if name not in RUNTIMES:
+        raise ConfigError(f"unknown runtime '{name}'{did_you_mean(name, RUNTIMES)}", f"known runtimes: {', '.join(RUNTIMES)}")
+    return name
 
 
 def open_runtime(art, runtime: str | None = None, **options) -> Runtime:
-    name = runtime or DEFAULT_RUNTIME.get(art.format)
-    if name is None:
-        raise ConfigError(f"no runtime runs '{art.format}' artifacts", f"known runtimes: {', '.join(RUNTIMES)}")
-    if name not in RUNTIMES:
-        raise ConfigError(f"unknown runtime '{name}'{did_you_mean(name, RUNTIMES)}", f"known runtimes: {', '.join(RUNTIMES)}")
-    mod, fn = RUNTIMES[name].split(":")
+    """Open `art` with `runtime` (None: resolve_runtime's choice) through the closed table edgepack.formats.RUNTIMES."""
+    mod, fn = RUNTIMES[resolve_runtime(art, runtime)].factory.split(":")
     return getattr(importlib.import_module(mod), fn)(art, **options)
 
 

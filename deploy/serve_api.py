@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgepack.deploy.generation import GenerationConfig
-from edgepack.deploy.serve import Engine, ServeConfig, Served, constant_time_equal, new_id, prometheus_text
+from edgepack.deploy.serve_engine import Engine, ServeConfig, Served, constant_time_equal, new_id, prometheus_text
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 

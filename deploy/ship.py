@@ -166,7 +166,7 @@ def ssh_error(host: str, rc: int, stderr: str) -> RemoteError:
     return RemoteError(f"{host}: remote command failed with status {rc} ({last})", "see the message; run it by hand with ssh")
 
 
-def _dest_sh(dest: str) -> str:
+def dest_sh(dest: str) -> str:
     """DEST as a shell word: `~/x` and relative paths are under the login user's home (where ssh starts)."""
     if dest.startswith("~/"):
         dest = dest[2:]
@@ -184,7 +184,7 @@ def _check_id(bundle_id: str) -> str:
 # ------------------------------------------------------------------------------------------------ device state
 def device_state(remote: Remote, dest: str = DEFAULT_DEST) -> dict:
     """{"current": id or None, "history": [ids, oldest first], "releases": [ids], "incoming": [ids]}."""
-    d = _dest_sh(dest)
+    d = dest_sh(dest)
     out = remote.run(f"""cd {d} 2>/dev/null || exit 0
 echo "current=$(readlink current 2>/dev/null || true)"
 [ -f .history ] && sed 's/^/history=/' .history
@@ -214,7 +214,7 @@ def remote_hashes(remote: Remote, dest: str, rel_dir: str, names) -> dict[str, s
     if not names:
         return {}
     quoted = " ".join(shlex.quote(n) for n in names)
-    out = remote.run(f"cd {_dest_sh(dest)}/{shlex.quote(rel_dir)} 2>/dev/null || exit 0\n"
+    out = remote.run(f"cd {dest_sh(dest)}/{shlex.quote(rel_dir)} 2>/dev/null || exit 0\n"
                      f"for f in {quoted}; do [ -f \"$f\" ] && [ ! -L \"$f\" ] && sha256sum -- \"$f\"; done; exit 0").stdout
     hashes = {}
     for line in out.decode(errors="replace").splitlines():
@@ -261,7 +261,7 @@ def push_bundle(bundle_dir, remote: Remote, dest: str = DEFAULT_DEST, keep: int 
     bid = _check_id(manifest["bundle_id"])
     files = dict(manifest["files"])
     files[BUNDLE_MANIFEST] = {"sha256": _sha(bundle_dir / BUNDLE_MANIFEST), "bytes": (bundle_dir / BUNDLE_MANIFEST).stat().st_size}
-    d = _dest_sh(dest)
+    d = dest_sh(dest)
     staging = f"releases/.incoming-{bid}"
     # 1. one probe: device state, and for each file the sha256 of the copy the device already has -- in the staging
     #    dir of an interrupted push, else in the same release (a repair), else in the active release (unchanged files)
@@ -414,7 +414,7 @@ def rollback(remote: Remote, dest: str = DEFAULT_DEST, to: str | None = None) ->
             raise RemoteError(f"{remote.spec}: no earlier release to roll back to (active: {cur or 'none'})",
                               "push the release you want, or pass --to ID")
         to = history[-1]
-    d = _dest_sh(dest)
+    d = dest_sh(dest)
     remote.run(f"""set -e
 cd {d}
 ln -sfn releases/{to} .current.tmp.$$
@@ -445,7 +445,7 @@ def _sha(path: Path) -> str:
 
 
 def read_remote_json(remote: Remote, dest: str, rel_path: str) -> dict:
-    out = remote.run(f"cat {_dest_sh(dest)}/{shlex.quote(rel_path)}").stdout
+    out = remote.run(f"cat {dest_sh(dest)}/{shlex.quote(rel_path)}").stdout
     try:
         return json.load(io.BytesIO(out))
     except json.JSONDecodeError as exc:

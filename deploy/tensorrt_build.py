@@ -42,7 +42,7 @@ def require_tensorrt(spec: dict, onnx_path: Path, engine_path: Path):
 
 
 def local_sm() -> int:
-    from edgepack.deploy.gpu_compile import local_cuda_sm
+    from edgepack.targets.profile import local_cuda_sm
 
     sm = local_cuda_sm()
     if sm is None:

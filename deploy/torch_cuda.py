@@ -27,6 +27,8 @@ import numpy as np
 from edgepack.deploy.runtime import process_rss_bytes
 from edgepack.errors import ConfigError, UnsupportedOnTarget
 
+RUNTIME_FILE = "torch_cuda.json"  # torch-cuda runtime settings, next to the weights (written by deploy/gpu_compile.py)
+INT4_GROUP = 128  # torchao int4 tinygemm group size (input channels per scale)
 WARMUP_STEPS = 3  # eager runs on a side stream before capture: cuBLAS handles, autotuning, torch.compile itself
 QUANT_METHODS = {"int8": "int8", "int4": "int4-rtn", "fp8": "fp8"}  # precision -> quant_torch method name
 
@@ -259,7 +261,6 @@ def quantize_for_cuda(model, precision: str, device: str, group_size: int | None
         return None
     layers = {n: {"in_features": m.in_features} for n, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
-    from edgepack.deploy.gpu_compile import INT4_GROUP
 
     return apply_kernels(model, {"method": QUANT_METHODS[precision], "group_size": group_size or INT4_GROUP,
                                  "layers": layers},
@@ -267,7 +268,6 @@ def quantize_for_cuda(model, precision: str, device: str, group_size: int | None
 
 
 def read_settings(path: Path, extra: dict) -> dict:
-    from edgepack.deploy.gpu_compile import RUNTIME_FILE
 
     p = Path(path) / RUNTIME_FILE
     settings = json.loads(p.read_text()) if p.is_file() else {}

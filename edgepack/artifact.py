@@ -255,24 +255,6 @@ def load_json(path: Path, hint: str):
         raise ArtifactError(f"{path} is not valid JSON ({exc})", hint) from None
 
 
-def read_model_config(path) -> dict:
-    """The model's own config.json as a dict, with a clear error when it is missing or malformed."""
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        raise ArtifactError(f"'{path}' has no config.json", "pass a Hugging Face checkpoint directory or an artifact")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        from edgepack.errors import ConfigError
-
-        raise ConfigError(f"{cfg_path} is malformed JSON ({exc})", "fix or re-download config.json") from None
-    if not isinstance(cfg, dict):
-        from edgepack.errors import ConfigError
-
-        raise ConfigError(f"{cfg_path} is not a JSON object", "fix or re-download config.json")
-    return cfg
-
-
 def check_output_dir(out: Path, force: bool) -> None:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
@@ -290,14 +272,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class ArtifactWriter:
-    """Write a new artifact into a temporary sibling of `out`; `commit()` writes the manifest and renames.
-
-        with ArtifactWriter(out, force=force) as w:
-            model.save_pretrained(w.path)
-            art = w.commit(format="hf", parent=src, record=stage_record(...))
-
-    Leaving the block without commit (an exception, Ctrl-C) removes the temporary directory; `out` is untouched.
+class AtomicOutput:
+    """Build `out` (a directory or a file) inside a hidden temporary sibling, `.NAME.partial-PID`, and rename it into
+    place only when complete. `publish(built)` moves `built` (the temporary directory itself, or a file or directory
+    made inside it) onto `out`, replacing an old `out` only then; leaving the block without publishing (an exception,
+    Ctrl-C) removes the temporary directory, so `out` is never half-written. Partial siblings of killed runs are
+    removed on the way in. ArtifactWriter and the bundle writer both stand on it.
     """
 
     def __init__(self, out, *, force: bool = False):
@@ -311,14 +291,52 @@ class ArtifactWriter:
         self.path = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir()
+        self.published = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.published:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def publish(self, built: Path | None = None) -> Path:
+        built = Path(built) if built is not None else self.path
+        old = None
+        if self.out.exists() or self.out.is_symlink():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            os.replace(self.out, old)
+        os.replace(built, self.out)
+        if old is not None and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old is not None:
+            old.unlink(missing_ok=True)
+        if built != self.path:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.published = True
+        return self.out
+
+
+class ArtifactWriter:
+    """Write a new artifact into a temporary sibling of `out`; `commit()` writes the manifest and renames.
+
+        with ArtifactWriter(out, force=force) as w:
+            model.save_pretrained(w.path)
+            art = w.commit(format="hf", parent=src, record=stage_record(...))
+
+    Leaving the block without commit (an exception, Ctrl-C) removes the temporary directory; `out` is untouched.
+    """
+
+    def __init__(self, out, *, force: bool = False):
+        self._atomic = AtomicOutput(out, force=force)
+        self.out, self.path = self._atomic.out, self._atomic.path
         self.committed: Artifact | None = None
 
     def __enter__(self) -> ArtifactWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.committed is None:
-            shutil.rmtree(self.path, ignore_errors=True)
+        self._atomic.__exit__(exc_type, exc, tb)
 
     def commit(self, *, format: str, record: dict | None, parent: Artifact | None = None,
                base_model: str | None = None, extra: dict | None = None) -> Artifact:
@@ -336,13 +354,7 @@ class ArtifactWriter:
         tmp_manifest = self.path / (MANIFEST_NAME + ".tmp")
         tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp_manifest, self.path / MANIFEST_NAME)
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-        os.replace(self.path, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        self._atomic.publish()
         self.committed = Artifact(self.out, manifest, True)
         return self.committed
 

@@ -6,7 +6,7 @@ A cast is lossy, so the stage records the SQNR and max-abs-diff of the logits ag
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgepack.artifact import Artifact, ArtifactWriter, stage_record
@@ -15,34 +15,16 @@ from edgepack.hf import DTYPES
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    dtype: str | None = None  # None keeps the stored dtype; else float32 | float16 | bfloat16
+    dtype: str | None = field(default=None, metadata={"choices": DTYPES})  # None keeps the stored dtype
 
     def validate(self) -> list[str]:
         return [] if self.dtype in (None, *DTYPES) else [f"dtype must be one of {', '.join(DTYPES)}"]
 
 
-def probe_ids(vocab_size: int, length: int = 64, seed: int = 0):
-    """A fixed pseudo-random token sequence [1, length] used to compare logits between an artifact and its parent."""
-    import numpy as np
-
-    return np.random.default_rng(seed).integers(3, vocab_size, size=(1, length), dtype=np.int64)
-
-
-def logits_parity(ref_fn, test_fn, vocab_size: int) -> dict:
-    """max-abs-diff and SQNR of logits on the fixed probe (both fns: [1,T] ids -> [1,T,V] logits)."""
-    import numpy as np
-
-    from edgepack.compress.evaluate import sqnr_db
-
-    ids = probe_ids(vocab_size)
-    ref, test = np.asarray(ref_fn(ids)), np.asarray(test_fn(ids))
-    return {"max_abs_diff": float(np.abs(ref - test).max()), "sqnr_db": round(sqnr_db(ref, test), 2),
-            "argmax_agreement": float((ref.argmax(-1) == test.argmax(-1)).mean())}
-
-
 def convert(src: Artifact, cfg: ConvertConfig, target, out: Path, *, force: bool = False) -> Artifact:
-    from edgepack.compress.evaluate import hf_logits_fn
-    from edgepack.hf import load_model, save_model, weight_bytes
+    from edgepack.facts import weight_bytes
+    from edgepack.hf import load_model, save_model
+    from edgepack.quality import hf_logits_fn, logits_parity
 
     t0 = time.perf_counter()
     model = load_model(src, device="cpu")  # float32 compute on CPU

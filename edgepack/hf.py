@@ -81,7 +81,7 @@ def load_model(art: Artifact | str | Path, *, device: str | None = None, dtype=N
 
 
 def _stored_dtype(path: Path) -> str | None:
-    from edgepack.artifact import read_model_config
+    from edgepack.facts import read_model_config
 
     cfg = read_model_config(path)
     return cfg.get("dtype") or cfg.get("torch_dtype")
@@ -105,11 +105,6 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
             shutil.copy2(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
-
-
-def weight_bytes(path) -> int:
-    """Bytes of the safetensors weight files in a checkpoint directory."""
-    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
 def save_model(model, dst: Path, *, tokenizer_from: Path | None = None, dtype: str | None = None) -> None:

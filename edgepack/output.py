@@ -47,22 +47,19 @@ def print_table(title: str | None, columns: list[str], rows: list[list], caption
 
 
 def emit_json(obj) -> None:
-    print(json.dumps(obj, default=str, allow_nan=False) if _finite(obj) else json.dumps(_clean(obj), default=str))
+    print(to_json(obj))
 
 
-def _finite(obj) -> bool:
-    try:
-        json.dumps(obj, default=str, allow_nan=False)
-        return True
-    except ValueError:
-        return False
+def to_json(obj) -> str:
+    """Strict JSON text: NaN and infinities (which JSON has no words for) become null."""
+    return json.dumps(json_safe(obj), default=str, allow_nan=False)
 
 
-def _clean(obj):
+def json_safe(obj):
     if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
         return None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from edgepack.errors import ConfigError, UnsupportedOnTarget
-from edgepack.targets.profile import PRECISIONS, Target
+from edgepack.formats import PRECISIONS
+from edgepack.targets.profile import Target
 
 MIB = 1024**2
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import tomllib
 
 from edgepack.errors import ConfigError, did_you_mean
+from edgepack.formats import PRECISIONS, PROFILE_RUNTIMES
 
 GIB = 1024**3
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4", "nf4")
-RUNTIMES = ("onnxruntime", "torch-cpu", "torch-cuda", "tensorrt")
 DEVICE_TYPES = ("gpu", "jetson", "cpu")
 
 
@@ -87,7 +86,8 @@ def target_from_dict(data: dict, where: str) -> Target:
         if data["device_type"] not in DEVICE_TYPES:
             problems.append(f"device_type must be one of {', '.join(DEVICE_TYPES)}")
         problems += [f"unknown precision '{p}'{did_you_mean(p, PRECISIONS)}" for p in data["precisions"] if p not in PRECISIONS]
-        problems += [f"unknown runtime '{r}'{did_you_mean(r, RUNTIMES)}" for r in data["runtimes"] if r not in RUNTIMES]
+        problems += [f"unknown runtime '{r}'{did_you_mean(r, PROFILE_RUNTIMES)}" for r in data["runtimes"]
+                     if r not in PROFILE_RUNTIMES]
         if data.get("engine_build", "host") not in ("host", "device"):
             problems.append("engine_build must be 'host' or 'device'")
         if not 0 < data["usable_memory_gib"] <= data["memory_gib"]:
@@ -164,7 +164,7 @@ def machine_arch() -> str:
     return {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "arm64"}.get(m, m)
 
 
-def _cuda_device() -> dict | None:
+def cuda_device() -> dict | None:
     """Name, memory and SM of CUDA device 0, importing torch only when an NVIDIA driver is visible."""
     import shutil
 
@@ -182,13 +182,19 @@ def _cuda_device() -> dict | None:
             "multiprocessors": p.multi_processor_count}
 
 
+def local_cuda_sm() -> int | None:
+    """SM x10 of CUDA device 0, or None (no NVIDIA driver, no torch CUDA build or no device)."""
+    cuda = cuda_device()
+    return cuda["sm"] if cuda else None
+
+
 def local_target() -> Target:
     """This machine: cores, RAM, measured bandwidth; the CUDA device if any. Jetsons (unified memory) are
     recognised by /etc/nv_tegra_release."""
     import psutil
 
     vm = psutil.virtual_memory()
-    cuda = _cuda_device()
+    cuda = cuda_device()
     jetson = Path("/etc/nv_tegra_release").exists()
     bw = measure_bandwidth()
     arch = machine_arch()

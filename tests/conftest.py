@@ -33,7 +33,7 @@ def make_tiny_llama(path: Path, seed: int = 0, **over) -> Path:
     from transformers import LlamaForCausalLM
 
     from edgepack.hf import copy_tokenizer
-    from edgepack.plan import embedded_path
+    from edgepack.sources import embedded_path
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(**over)).eval()
@@ -64,7 +64,7 @@ def tinystories_text() -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_text() -> Path:
-    from edgepack.plan import embedded_path
+    from edgepack.sources import embedded_path
 
     return embedded_path("tinystories-sample.txt")
 
@@ -84,3 +84,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "tensorrt" in item.keywords and not has_trt:
             item.add_marker(pytest.mark.skip(reason="needs the tensorrt package (pip install 'edgepack[tensorrt]')"))
+
+
+def load_script(name: str):
+    """A program from scripts/ as a module (scripts are not in the package): load_script("gpu_decode").main(...)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"edgepack_script_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgepack.bench.measure import latency_stats, measure_point, percentile, token_agreement, ttft_stats
-from edgepack.bench.report import compare_rows, finish_record, load_record, plot_compare, validate_record
+from edgepack.bench.record import compare_rows, finish_record, load_record, plot_compare, validate_record
 from edgepack.bench.run import BenchConfig
 from edgepack.errors import ConfigError
 
@@ -141,7 +141,7 @@ def tiny_record(tiny_model, cpu_target):
 
 
 def test_record_schema_roofline_and_baseline(tiny_record, tiny_model, cpu_target):
-    from edgepack.artifact import read_model_config
+    from edgepack.facts import read_model_config
     from edgepack.targets.fit import fit
 
     rec = tiny_record
@@ -225,7 +225,7 @@ def test_cli_bench_json_and_errors(tiny_model, tmp_path):
     assert [p["decode_steps"] for p in rec["points"]] == [2, 4]
     assert load_record(tmp_path / "r.json")["decode_tokens_per_s"] == pytest.approx(rec["decode_tokens_per_s"])
     assert (tmp_path / "points.png").read_bytes()[:4] == b"\x89PNG"
-    from edgepack.bench.report import plot_points
+    from edgepack.bench.record import plot_points
 
     drawn = plot_points(rec, tmp_path / "p2.png")
     assert drawn["labels"] == ["p4/g3/b1", "p4/g5/b1"]
@@ -301,7 +301,8 @@ def test_realtime_scheduling_is_restored():
 
 def test_precision_and_group_size_come_from_the_lineage(tmp_path):
     from edgepack.artifact import Artifact
-    from edgepack.bench.run import artifact_group_size, artifact_precision
+    from edgepack.facts import artifact_precision
+    from edgepack.facts import group_size as artifact_group_size
 
     q = Artifact(tmp_path, {"format": "onnx", "history": [
         {"stage": "export", "config": {"opset": 18}, "metrics": {}},

@@ -93,7 +93,7 @@ def test_artifacts_a_target_cannot_run_are_refused(stories, tmp_path):
         make_bundle(fp8, load_target("cpu-arm64"), tmp_path / "x")
     assert not (tmp_path / "x").exists()  # every check runs before anything is written
     # the right SM on a host-build target passes the target checks; the bundle still needs a runtime that exists
-    from edgepack.deploy.runtime import RUNTIMES
+    from edgepack.formats import RUNTIMES
 
     if "tensorrt" not in RUNTIMES:
         with pytest.raises(ConfigError, match="runtime 'tensorrt' is not available in this edgepack"):

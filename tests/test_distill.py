@@ -31,7 +31,7 @@ def test_loss_is_ce_plus_scaled_kl():
 
 
 def test_schedules():
-    cfg = DistillConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, alpha=0.7, alpha_end=0.3)
+    cfg = DistillConfig(lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1, alpha=0.7, alpha_end=0.3)
     assert cfg.lr_at(0) == pytest.approx(1e-4) and cfg.lr_at(9) == pytest.approx(1e-3)
     assert cfg.lr_at(60) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))))
     assert cfg.lr_at(110) == pytest.approx(1e-4)
@@ -59,7 +59,7 @@ def test_tokenizer_mismatch_is_a_clear_error(tmp_path, embedded_text):
 
     teacher = make_tiny_llama(tmp_path / "t")
     student = make_tiny_llama(tmp_path / "s", vocab_size=600)
-    cfg = DistillConfig(data=str(embedded_text), teacher=str(teacher), max_steps=1)
+    cfg = DistillConfig(data=str(embedded_text), teacher=str(teacher), steps=1)
     with pytest.raises(ConfigError, match="do not share a tokenizer"):
         distill(open_artifact(student), cfg, None, tmp_path / "out", show_progress=False)
 
@@ -76,7 +76,7 @@ def _tiny_pair(tmp_path):
 def test_resume_after_interruption_gives_the_same_weights(tmp_path):
     teacher, fresh_student = _tiny_pair(tmp_path)
     chunks = torch.randint(3, 512, (24, 32))
-    cfg = DistillConfig(max_steps=6, batch_size=4, checkpoint_every=3, eval_every=100, patience=0, lr=1e-2)
+    cfg = DistillConfig(steps=6, batch_size=4, checkpoint_every=3, eval_every=100, patience=0, lr=1e-2)
     calls = itertools.count()
     eval_fn = lambda m: -float(next(calls))  # noqa: E731  (every evaluation "improves": the last weights are kept)
 
@@ -112,7 +112,7 @@ def test_distillation_heals_a_depth_pruned_stories(stories, tinystories_text):
     student = pa.drop_layers(teacher, [2])
     ppl = lambda m: heldout_perplexity(m.eval(), tok, held, 1024).perplexity  # noqa: E731
     t_ppl, start = ppl(teacher), ppl(student)
-    cfg = DistillConfig(max_steps=30, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=5, eval_every=10, patience=0,
+    cfg = DistillConfig(steps=30, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=5, eval_every=10, patience=0,
                         alpha=0.3)
     run = train(student, teacher, chunk(train_ids, 128, 16384), ppl, cfg)
     end = ppl(student)
@@ -164,7 +164,7 @@ eval_max_tokens = 256
 [[stages]]
 kind = "distill"
 data = "{embedded_text}"
-max_steps = 3
+steps = 3
 batch_size = 2
 seq_len = 64
 eval_every = 3

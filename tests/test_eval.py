@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgepack.artifact import open_artifact
-from edgepack.compress.evaluate import PplProtocol, evaluate_artifact, perplexity, plan_windows, sqnr_db
+from edgepack.quality import PplProtocol, evaluate_artifact, perplexity, plan_windows, sqnr_db
 
 
 def independent_ppl(model_dir, text_path, window=512, stride=256):

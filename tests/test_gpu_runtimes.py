@@ -153,8 +153,8 @@ def test_static_cache_greedy_tokens_equal_eager_transformers(stories):
 def test_static_cache_is_what_fit_predicts_and_refuses_overflow(stories):
     import torch
 
-    from edgepack.artifact import read_model_config
     from edgepack.deploy.torch_cuda import TorchCudaRuntime
+    from edgepack.facts import read_model_config
     from edgepack.hf import load_model
     from edgepack.targets.fit import fit
 
@@ -293,7 +293,9 @@ def test_device_prepare_checks_imports_and_gpu_for_torch_cuda_bundles(stories, t
 
 # ------------------------------------------------------------------------------------------- bench script
 def test_gpu_decode_bench_runs_on_cpu_with_a_tiny_shape(capsys):
-    from edgepack.bench.gpu_decode import main
+    from conftest import load_script
+
+    main = load_script("gpu_decode").main
 
     out = main(["--device", "cpu", "--shape", "tiny", "--dtype", "float32", "--target", "cpu-x86-64",
                 "--prompt", "8", "--new-tokens", "6"])

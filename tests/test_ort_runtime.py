@@ -88,7 +88,7 @@ def test_cache_limit_is_a_clear_error(onnx_art):
 
 
 def test_onnx_perplexity_equals_pytorch(stories, onnx_art, tinystories_text):
-    from edgepack.compress.evaluate import PplProtocol, evaluate_artifact
+    from edgepack.quality import PplProtocol, evaluate_artifact
 
     proto = PplProtocol(max_tokens=3000)
     ref = evaluate_artifact(open_artifact(stories), tinystories_text, proto)

@@ -139,7 +139,7 @@ def test_recipe_errors_name_the_problem(tmp_path, tiny_model, body, message):
 
 
 def test_example_and_demo_recipes_load():
-    from edgepack.plan import embedded_path
+    from edgepack.sources import embedded_path
 
     root = Path(__file__).resolve().parents[1]
     recipes = [embedded_path("demo.toml"), *sorted((root / "examples").glob("*.toml"))]

@@ -192,7 +192,7 @@ def test_prune_module_is_torch_free():
     import subprocess
     import sys
 
-    code = "import sys, edgepack.compress.prune_cli, edgepack.compress.prune; print('torch' in sys.modules)"
+    code = "import sys, edgepack.cli.prune, edgepack.compress.prune; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "False", out.stderr
 

@@ -32,7 +32,7 @@ def tiny(tmp_path_factory):
 def _windows(embedded_text, n: int, seq_len: int, start: int = 0):
     from edgepack.compress.quant_algos import calibration_ids
     from edgepack.hf import load_tokenizer
-    from edgepack.plan import embedded_path
+    from edgepack.sources import embedded_path
 
     tok = load_tokenizer(embedded_path("stories260K"))
     return calibration_ids(tok, embedded_text.read_text()[start:], n, seq_len, tok.bos_token_id)

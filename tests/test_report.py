@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.plan import embedded_path, load_recipe, run_recipe
+from edgepack.plan import load_recipe, run_recipe
+from edgepack.sources import embedded_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def _metrics(path) -> dict:
 
 
 def test_report_numbers_equal_the_manifests(run_dir):
-    from edgepack.bench.run_report import build_report
+    from edgepack.bench.recipe_report import build_report
 
     rep = build_report(run_dir[0])
     assert [t["name"] for t in rep["targets"]] == ["cpu-x86-64", "h100-sxm"]
@@ -117,8 +118,8 @@ def test_report_numbers_equal_the_manifests(run_dir):
 
 @pytest.mark.skipif(H100_HERE, reason="an sm_90 GPU is here: the H100 bench is measured, not predicted")
 def test_bench_prediction_record_is_valid_and_labelled(run_dir):
-    from edgepack.bench.report import validate_record
-    from edgepack.bench.run_report import build_report
+    from edgepack.bench.recipe_report import build_report
+    from edgepack.bench.record import validate_record
 
     t = build_report(run_dir[0])["targets"][1]
     bench = _metrics(next(r["path"] for r in t["stages"] if r["kind"] == "bench"))
@@ -131,7 +132,7 @@ def test_bench_prediction_record_is_valid_and_labelled(run_dir):
 
 
 def test_html_and_markdown_reports_with_plots_and_labels(run_dir, tmp_path):
-    from edgepack.bench.run_report import build_report, f_ppl, f_rate, write_report
+    from edgepack.bench.recipe_report import build_report, f_ppl, f_rate, write_report
 
     rep = build_report(run_dir[0])
     html = write_report(run_dir[0], tmp_path / "report.html")
@@ -157,7 +158,7 @@ def test_html_and_markdown_reports_with_plots_and_labels(run_dir, tmp_path):
 def test_report_cli_json_and_errors(run_dir, tmp_path):
     from click.testing import CliRunner
 
-    from edgepack.bench.run_report import build_report
+    from edgepack.bench.recipe_report import build_report
     from edgepack.cli import cli
 
     r = CliRunner().invoke(cli, ["report", str(run_dir[0]), "--json"])

@@ -18,7 +18,8 @@ httpx = pytest.importorskip("httpx", reason="needs httpx (serve extra)")
 openai = pytest.importorskip("openai", reason="needs the openai client (dev extra)")
 
 from edgepack.deploy.generation import GenerationConfig, generate  # noqa: E402
-from edgepack.deploy.serve import BackgroundServer, ServeConfig, load_served  # noqa: E402
+from edgepack.deploy.serve import BackgroundServer  # noqa: E402
+from edgepack.deploy.serve_engine import ServeConfig, load_served  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The cat sat", "Lily was happy because", "One day, a big dog"]
 KEY = "test-key-0123456789"

@@ -311,7 +311,7 @@ def test_remote_prepare_and_bench_bring_the_device_json_back(sshd, bundles, tmp_
     assert saved["remote"]["bundle_id"] == read_bundle_manifest(a)["bundle_id"]
     assert saved["artifact"].endswith("current/artifact") and saved["runtime"] == "torch-cpu"
     assert saved["decode_tokens_per_s"] > 0 and saved["settings"]["gen_lens"] == [4]
-    from edgepack.bench.report import load_record  # the local results compare with `edgepack bench compare`
+    from edgepack.bench.record import load_record  # the local results compare with `edgepack bench compare`
 
     assert load_record(rec["remote"]["saved_to"])["decode_tokens_per_s"] == saved["decode_tokens_per_s"]
 

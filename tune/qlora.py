@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,7 +54,7 @@ class TuneConfig:
     save_every: int = 100  # optimizer steps between checkpoints
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
     double_quant: bool = True  # quantize the NF4 scales too (QLoRA double quantization)
-    compute_dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPUs that have it (else float32)
+    compute_dtype: str = field(default="auto", metadata={"choices": DTYPE_NAMES})  # auto: float32 on CPU, bfloat16 on GPUs that have it (else float32)
     merge: bool = True  # write a merged full-precision model (else the adapter alone)
     merge_into: Literal["dequantized", "original"] = "dequantized"  # which full-precision base (see module doc)
     seed: int = 0  # LoRA init, dropout and data order
@@ -88,11 +87,11 @@ class TuneConfig:
 
 
 def lr_at(step: int, cfg: TuneConfig) -> float:
-    """Learning-rate multiplier for optimizer step `step` (0-based): linear warm-up, then cosine to min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / (cfg.warmup_steps + 1)
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    """Learning-rate multiplier for optimizer step `step` (0-based): tune.schedule.warmup_cosine, shared with
+    distillation's loop (compress/distill.py)."""
+    from edgepack.tune.schedule import warmup_cosine
+
+    return warmup_cosine(step, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
 
 
 def resolve_compute_dtype(cfg: TuneConfig, device: str):
@@ -170,30 +169,6 @@ def dequantized_state(model) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------- evaluation
-def masked_perplexity(model, ids, labels, batch_size: int, limit: int | None = None) -> float:
-    """exp(mean NLL) over label != -100 tokens of packed blocks [N, T] (each label predicted from the tokens before)."""
-    import torch
-
-    n = ids.shape[0] if limit is None else min(limit, ids.shape[0])
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, n, batch_size):
-            x, y = ids[i:min(i + batch_size, n)].to(device), labels[i:min(i + batch_size, n)].to(device)
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-            tgt = y[:, 1:]
-            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                           ignore_index=-100, reduction="sum"))
-            count += int((tgt != -100).sum())
-    model.train(was_training)
-    if count == 0:
-        raise ConfigError("the validation split has no tokens that carry loss", "use more data or a smaller seq_len")
-    return math.exp(nll / count)
-
-
 # ----------------------------------------------------------------------------------------------------------- stage
 PPL_PROTOCOL = "edgepack-masked-v1: exp(mean NLL over loss-carrying tokens of the first eval_blocks packed seq_len blocks)"
 
@@ -230,10 +205,11 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
 
     require("peft", "tune", "LoRA adapters")
     accelerate = require("accelerate", "tune", "the training loop (single process or accelerate launch)")
-    from edgepack.hf import load_model, load_tokenizer, save_model, weight_bytes
+    from edgepack.facts import weight_bytes
+    from edgepack.hf import load_model, load_tokenizer, save_model
     from edgepack.tune.checkpoint import checkpoint_dir, fingerprint, read_state
     from edgepack.tune.data import load_or_prepare, tokenize_splits
-    from edgepack.tune.trainer import train
+    from edgepack.tune.trainer import masked_perplexity, train
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -1,4 +1,5 @@
-"""The training loop behind stage `tune`: AdamW on the LoRA parameters, linear warm-up + cosine schedule, gradient
+"""The training loop behind stage `tune` (distillation has its own in compress/distill.py; both share
+tune.schedule): AdamW on the LoRA parameters, linear warm-up + cosine schedule, gradient
 accumulation, clipping, validation perplexity every `eval_every` steps with early stopping (the best adapter is
 restored at the end), resumable checkpoints and TensorBoard scalars. Runs through `accelerate`, so under
 `accelerate launch` each process takes its own shard of every batch and only the main process writes files.
@@ -15,9 +16,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgepack.errors import ConfigError
-from edgepack.tune.qlora import TuneConfig, lr_at, masked_perplexity
+from edgepack.tune.schedule import warmup_cosine
+
+if TYPE_CHECKING:  # a type only: the stage (tune.qlora) imports this loop, not the other way round
+    from edgepack.tune.qlora import TuneConfig
 
 
 @dataclass
@@ -95,7 +100,7 @@ def train(model, blocks: dict, cfg: TuneConfig, ckdir: Path, fp: str, accelerato
     model.train()
     while state["step"] < cfg.steps:
         s = state["step"]
-        lr = cfg.lr * lr_at(s, cfg)
+        lr = cfg.lr * warmup_cosine(s, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
         micro = []
@@ -171,3 +176,26 @@ def _tensorboard(log_dir: Path):
     except ImportError:  # tensorboard is in the `tune` extra; without it the curve is still in the manifest
         return None
     return SummaryWriter(str(log_dir))
+
+
+def masked_perplexity(model, ids, labels, batch_size: int, limit: int | None = None) -> float:
+    """exp(mean NLL) over label != -100 tokens of packed blocks [N, T] (each label predicted from the tokens before)."""
+    import torch
+
+    n = ids.shape[0] if limit is None else min(limit, ids.shape[0])
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            x, y = ids[i:min(i + batch_size, n)].to(device), labels[i:min(i + batch_size, n)].to(device)
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+            tgt = y[:, 1:]
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                           ignore_index=-100, reduction="sum"))
+            count += int((tgt != -100).sum())
+    model.train(was_training)
+    if count == 0:
+        raise ConfigError("the validation split has no tokens that carry loss", "use more data or a smaller seq_len")
+    return math.exp(nll / count)

@@ -5,29 +5,15 @@ No torch / transformers import at module level: `edgepack --help` stays light.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import click
 
-from edgepack.commands import json_opt
+from edgepack.bench.run import BenchConfig
+from edgepack.cli.common import config_from, config_option, int_list, json_opt
 from edgepack.output import emit_json, print_table
 
-
-def _int_list(ctx, param, value):
-    """Repeated and/or comma-separated integers: --prompt-len 32,128 --prompt-len 512 -> (32, 128, 512)."""
-    out = []
-    for v in value:
-        for part in str(v).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                out.append(int(part))
-            except ValueError:
-                raise click.BadParameter(f"'{part}' is not an integer", ctx=ctx, param=param) from None
-    return tuple(out)
+B = BenchConfig
 
 
 class BenchGroup(click.Group):
@@ -47,41 +33,34 @@ def bench():
 
 @bench.command("run")
 @click.argument("artifact", type=click.Path())
-@click.option("--runtime", help="Runtime from deploy.runtime.RUNTIMES [default: the artifact format's own].")
-@click.option("--prompt-len", "prompt_lens", multiple=True, default=("64",), callback=_int_list, show_default=True,
-              help="Prompt tokens per row; repeat or comma-separate to sweep.")
-@click.option("--gen-len", "gen_lens", multiple=True, default=("64",), callback=_int_list, show_default=True,
-              help="Generated tokens per row; repeat or comma-separate to sweep.")
-@click.option("--batch", "batches", multiple=True, default=("1",), callback=_int_list, show_default=True,
-              help="Rows per generation; repeat or comma-separate to sweep.")
-@click.option("--runs", default=5, show_default=True, help="Measured runs per sweep point (at least).")
-@click.option("--min-seconds", default=2.0, show_default=True,
-              help="Keep measuring a point until this much wall time (more samples for small models); 0 = --runs.")
-@click.option("--warmup", default=2, show_default=True, help="Discarded warm-up runs per sweep point.")
-@click.option("--threads", type=int, help="CPU threads for the runtime [default: the runtime's].")
+@config_option(B, "runtime", help="Runtime from edgepack.formats.RUNTIMES [default: the artifact's own].")
+@config_option(B, "prompt_lens", "--prompt-len", multiple=True, callback=int_list,
+               help="Prompt tokens per row; repeat or comma-separate to sweep.")
+@config_option(B, "gen_lens", "--gen-len", multiple=True, callback=int_list,
+               help="Generated tokens per row; repeat or comma-separate to sweep.")
+@config_option(B, "batches", "--batch", multiple=True, callback=int_list,
+               help="Rows per generation; repeat or comma-separate to sweep.")
+@config_option(B, "runs", help="Measured runs per sweep point (at least).")
+@config_option(B, "min_seconds",
+               help="Keep measuring a point until this much wall time (more samples for small models); 0 = --runs.")
+@config_option(B, "warmup", help="Discarded warm-up runs per sweep point.")
+@config_option(B, "threads", help="CPU threads for the runtime [default: the runtime's].")
 @click.option("--target", "target_name", default="local", show_default=True,
               help="Target whose bandwidth the utilisation is computed against ('local' measures this machine).")
-@click.option("--baseline", type=click.Choice(("hf",)), help="Also measure plain transformers generate; report the ratio.")
-@click.option("--baseline-model", type=click.Path(), default="", help="HF checkpoint for the baseline (ONNX artifacts).")
-@click.option("--realtime", is_flag=True,
-              help="Time under SCHED_FIFO (root): a dedicated core on a shared, noisy machine; recorded in the JSON.")
+@config_option(B, "baseline", help="Also measure plain transformers generate; report the ratio.")
+@config_option(B, "baseline_model", type=click.Path(), help="HF checkpoint for the baseline (ONNX artifacts).")
+@config_option(B, "realtime",
+               help="Time under SCHED_FIFO (root): a dedicated core on a shared, noisy machine; recorded in the JSON.")
 @click.option("--plot", "plot_path", type=click.Path(), help="Write a PNG of tokens/s per sweep point.")
 @click.option("--save", "save_path", type=click.Path(), help="Also write the JSON record to this file.")
 @json_opt
-def run_cmd(artifact, runtime, prompt_lens, gen_lens, batches, runs, min_seconds, warmup, threads, target_name,
-            baseline, baseline_model, realtime, plot_path, save_path, as_json):
+def run_cmd(artifact, target_name, plot_path, save_path, as_json, **settings):
     """Benchmark ARTIFACT on this machine: TTFT, prefill and decode tokens/s, peak memory, bandwidth utilisation."""
     from edgepack.artifact import open_artifact
-    from edgepack.bench.run import BenchConfig, run_bench
-    from edgepack.errors import ConfigError
+    from edgepack.bench.run import run_bench
     from edgepack.targets import load_target
 
-    cfg = BenchConfig(runtime=runtime, prompt_lens=prompt_lens, gen_lens=gen_lens, batches=batches, runs=runs,
-                      min_seconds=min_seconds, warmup=warmup, threads=threads, baseline=baseline, baseline_model=baseline_model or "",
-                      realtime=realtime)
-    errs = cfg.validate()
-    if errs:
-        raise ConfigError("bench options: " + "; ".join(errs), "fix the options named")
+    cfg = config_from(BenchConfig, settings, "bench options")
     art = open_artifact(artifact)
     if target_name == "local":
         click.echo("measuring this machine's memory bandwidth (target 'local')...", err=True)
@@ -90,7 +69,7 @@ def run_cmd(artifact, runtime, prompt_lens, gen_lens, batches, runs, min_seconds
     if save_path:
         _write_json(rec, Path(save_path))
     if plot_path:
-        from edgepack.bench.report import plot_points
+        from edgepack.bench.record import plot_points
 
         plot_points(rec, plot_path)
     if as_json:
@@ -100,14 +79,14 @@ def run_cmd(artifact, runtime, prompt_lens, gen_lens, batches, runs, min_seconds
 
 
 def _write_json(rec: dict, path: Path) -> None:
-    from edgepack.output import _clean
+    from edgepack.output import to_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(rec), default=str) + "\n")
+    path.write_text(to_json(rec) + "\n")
 
 
 def _print_record(rec: dict) -> None:
-    from edgepack.bench.report import label, point_rows
+    from edgepack.bench.record import label, point_rows
 
     d = rec["device"]
     cols, rows = point_rows(rec)
@@ -131,7 +110,7 @@ def _print_record(rec: dict) -> None:
 @json_opt
 def compare_cmd(records, plot_path, as_json):
     """Compare saved bench records (JSON files from --json/--save, or artifact directories with a bench stage)."""
-    from edgepack.bench.report import compare_rows, label, load_record, plot_compare
+    from edgepack.bench.record import compare_rows, label, load_record, plot_compare
 
     recs = [load_record(r) for r in records]
     if plot_path:
@@ -151,6 +130,3 @@ def compare_cmd(records, plot_path, as_json):
     if plot_path:
         click.echo(f"plot written to {plot_path}", err=True)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    bench(sys.argv[1:])

@@ -1,6 +1,6 @@
 """Pruning and distillation numbers for issue 4 on stories260K (rerunnable; table + JSON last line).
 
-    .venv/bin/python bench/prune_distill.py --threads 1 --jobs 4 --steps 400 --out edgepack-runs/prune-bench
+    .venv/bin/python scripts/prune_distill.py --threads 1 --jobs 4 --steps 400 --out edgepack-runs/prune-bench
 
 1. one-shot pruning: held-out perplexity of dense, 50% unstructured (magnitude / wanda / sparsegpt), 2:4 with each
    criterion, depth (drop each single layer; the measured importance's choice) and width (25% of MLP channels);
@@ -100,7 +100,7 @@ def decode_speed(paths: dict[str, Path], threads: int, rounds: int, new_tokens: 
     from edgepack.artifact import open_artifact
     from edgepack.deploy.generation import GenerationConfig, generate
     from edgepack.deploy.runtime import open_runtime
-    from edgepack.hf import weight_bytes
+    from edgepack.facts import weight_bytes
 
     rts = {n: open_runtime(open_artifact(p), threads=threads) for n, p in paths.items()}
     prompt = np.array([[1, 403, 407, 261, 1119 % 512, 280, 260, 400]], dtype=np.int64)
@@ -161,7 +161,7 @@ def main() -> None:
                       "-" if r["increase_vs_magnitude"] is None else f"{r['increase_vs_magnitude']:.3f}",
                       f"{r.get('sparsity', 0):.3f}", f"{r.get('params', 0):,}", f"{r['seconds']:.1f}"] for r in rows])
 
-    distill_common = {"data": args.data, "teacher": args.model, "max_steps": args.steps, "batch_size": args.batch_size,
+    distill_common = {"data": args.data, "teacher": args.model, "steps": args.steps, "batch_size": args.batch_size,
                       "lr": args.lr, "temperature": args.temperature, "eval_every": args.eval_every,
                       "checkpoint_every": args.eval_every, "eval_max_tokens": args.eval_max_tokens, "patience": 0,
                       "threads": args.threads}

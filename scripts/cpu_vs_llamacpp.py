@@ -1,10 +1,10 @@
 """CPU decode speed and quality: transformers `generate` fp32 vs edgepack's compiled onnxruntime artifacts (fp32,
 int8, int4 MatMulNBits) vs llama.cpp (GGUF f32 / Q4_0 / Q4_K_M), side by side in one run.
 
-    .venv/bin/python bench/cpu_vs_llamacpp.py [--model HF_DIR] [--rounds 3] [--new-tokens 128] [--threads 2]
+    .venv/bin/python scripts/cpu_vs_llamacpp.py [--model HF_DIR] [--rounds 3] [--new-tokens 128] [--threads 2]
         [--skip-llamacpp] [--realtime]
 
-With --model (a pretrained checkpoint every path can run, e.g. from bench/train_tiny_stories.py: head_dim % 16 == 0
+With --model (a pretrained checkpoint every path can run, e.g. from scripts/train_tiny_stories.py: head_dim % 16 == 0
 for onnxruntime-genai, widths multiples of 256 for llama.cpp's K-quants): speed, logit SQNR and perplexity all on
 that one model, perplexity on the held-out last 10 % of the text (the split the model was not trained on and the
 quantize stage does not calibrate on), so one artifact can be shown both faster and at least as good. Variants
@@ -124,7 +124,7 @@ def build_25m(path: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from edgepack.hf import copy_tokenizer
-    from edgepack.plan import embedded_path
+    from edgepack.sources import embedded_path
 
     if (path / "model.safetensors").is_file():
         return path
@@ -168,9 +168,10 @@ GENAI_VARIANTS = {
 
 
 def compile_variants(hf_dir: Path, work: Path, exporter: str, threads: int, extended: bool = False) -> dict:
-    from edgepack.artifact import open_artifact, read_model_config
+    from edgepack.artifact import open_artifact
     from edgepack.deploy.compile import CompileConfig, compile_stage
     from edgepack.errors import EdgepackError
+    from edgepack.facts import read_model_config
     from edgepack.targets import load_target
 
     target = load_target("cpu-x86-64")
@@ -234,22 +235,21 @@ def quality(hf_dir: Path, arts: dict, ggufs: dict, llama_py: str | None, ppl_tok
     import numpy as np
 
     from edgepack.artifact import open_artifact
-    from edgepack.compress.evaluate import PplProtocol, open_scorer, perplexity, plan_windows, read_text, token_stream
-    from edgepack.convert import probe_ids
     from edgepack.hf import load_tokenizer
+    from edgepack.quality import PplProtocol, open_scorer, perplexity, plan_windows, probe_ids, read_text, token_stream
 
     text, _ = read_text(SHARED / "data" / "tinystories-valid-sample.txt")
     if heldout:
-        from edgepack.bench.train_tiny_stories import split_text
+        from edgepack.quality import split_at_line
 
-        text = split_text(text)[1]
+        text = split_at_line(text, 0.9)[1]
     proto = PplProtocol(window=256, stride=128, max_tokens=ppl_tokens or None).resolved()
     ids = token_stream(load_tokenizer(hf_dir), text, proto)
     ref_fn = open_scorer(open_artifact(hf_dir))[0]
     probe = probe_ids(512)
     ref = ref_fn(probe)
     np.save(work / "ref_logits.npy", ref[0])
-    from edgepack.compress.evaluate import sqnr_db
+    from edgepack.quality import sqnr_db
 
     res = {"pytorch fp32": {"ppl": perplexity(ref_fn, ids, proto).perplexity, "sqnr_db": float("inf")}}
     for prec, art in arts.items():

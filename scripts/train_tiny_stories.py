@@ -1,6 +1,6 @@
-"""Train a small pretrained Llama that every CPU path can run, for the llama.cpp comparison (bench/cpu_vs_llamacpp.py).
+"""Train a small pretrained Llama that every CPU path can run, for the llama.cpp comparison (scripts/cpu_vs_llamacpp.py).
 
-    .venv/bin/python bench/train_tiny_stories.py -o OUT [--steps 200] [--layers 2] [--threads 2] [--seed 0]
+    .venv/bin/python scripts/train_tiny_stories.py -o OUT [--steps 200] [--layers 2] [--threads 2] [--seed 0]
 
 Why: stories260K (head_dim 8, widths 64 / 172) cannot be built by onnxruntime-genai (its CPU GroupQueryAttention
 needs head_dim % 16 == 0), and llama.cpp cannot block its matrices (K-quants need rows of 256, Q4_0 of 32), so no
@@ -32,13 +32,6 @@ TOKENIZER = SHARED / "models" / "stories260K"
 TRAIN_FRACTION = 0.9  # leading share of TEXT used for training; the rest is the held-out split
 
 
-def split_text(text: str, fraction: float = TRAIN_FRACTION) -> tuple[str, str]:
-    """(train, held-out) at the first line break after `fraction` of the characters (as compress/quantize.py)."""
-    cut = text.find("\n", int(len(text) * fraction))
-    cut = cut if cut > 0 else int(len(text) * fraction)
-    return text[:cut], text[cut:]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-o", "--output", required=True)
@@ -56,14 +49,14 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from edgepack.compress.evaluate import PplProtocol, hf_logits_fn, perplexity, read_text, token_stream
     from edgepack.hf import copy_tokenizer
+    from edgepack.quality import PplProtocol, hf_logits_fn, perplexity, read_text, split_at_line, token_stream
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     text, digest = read_text(TEXT)
-    train_text, held_text = split_text(text)
+    train_text, held_text, _ = split_at_line(text, TRAIN_FRACTION)
     ids = torch.tensor(tok(train_text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     cfg = LlamaConfig(vocab_size=512, hidden_size=args.hidden, intermediate_size=args.mlp,
                       num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4, head_dim=args.hidden // 8,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from edgepack.commands import force_opt, json_opt
+from edgepack.cli.common import config_from, config_option, force_opt, json_opt
+from edgepack.deploy.bundle import BundleConfig
 from edgepack.output import emit_json, fmt_bytes, print_table
 
 
@@ -41,23 +42,22 @@ def _ssh(ssh_config, identity, accept_new_host_key, connect_timeout):
 @click.argument("artifact", type=click.Path())
 @click.option("--target", "target_name", required=True, help="Target the bundle is for (name, 'local' or TOML path).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle directory, or a file ending in .tar.")
-@click.option("--runtime", help="Runtime to run it with [default: the artifact's own].")
-@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer directory when the artifact has none.")
-@click.option("--device-dir", default="edgepack", show_default=True, help="Where the bundle will live on the device.")
-@click.option("--port", default=8000, show_default=True, help="Port of the serve service unit (binds 127.0.0.1).")
-@click.option("--max-tokens-cap", default=512, show_default=True, help="Largest max_tokens the server accepts.")
+@config_option(BundleConfig, "runtime", help="Runtime to run it with [default: the artifact's own].")
+@config_option(BundleConfig, "tokenizer", type=click.Path(file_okay=False), help="Tokenizer directory when the artifact has none.")
+@config_option(BundleConfig, "device_dir", help="Where the bundle will live on the device.")
+@config_option(BundleConfig, "port", help="Port of the serve service unit (binds 127.0.0.1).")
+@config_option(BundleConfig, "max_tokens_cap", help="Largest max_tokens the server accepts.")
 @force_opt
 @json_opt
-def bundle_cmd(artifact, target_name, output, runtime, tokenizer, device_dir, port, max_tokens_cap, force, as_json):
+def bundle_cmd(artifact, target_name, output, force, as_json, **settings):
     """Package ARTIFACT for one target: model, tokenizer, runtime config, manifest, requirements, README, service."""
     import json
     import tarfile
 
-    from edgepack.deploy.bundle import BundleConfig, make_bundle, verify_bundle
+    from edgepack.deploy.bundle import make_bundle, verify_bundle
     from edgepack.targets import load_target
 
-    cfg = BundleConfig(runtime=runtime, device_dir=device_dir, port=port, max_tokens_cap=max_tokens_cap,
-                       tokenizer=tokenizer)
+    cfg = config_from(BundleConfig, settings, "bundle")
     out = make_bundle(artifact, load_target(target_name), Path(output), cfg, force=force)
     if out.is_dir():
         m = verify_bundle(out)

@@ -1,6 +1,6 @@
 """Quantization tables for the bench note.
 
-    .venv/bin/python bench/quantize_table.py [--model ../shared/models/stories260K] \\
+    .venv/bin/python scripts/quantize_table.py [--model ../shared/models/stories260K] \\
         [--text ../shared/data/tinystories-valid-sample.txt] [--calib-fraction 0.9] [--groups 32,128] \\
         [--workdir edgepack-runs/bench/quantize] [--rounds 3] [--threads 1] [--skip quality|speed]
 
@@ -83,7 +83,7 @@ def quality_table(args, work: Path) -> list[dict]:
 def speed_table(args, work: Path) -> list[dict]:
     """Size and decode speed on a 25M-parameter Llama built from a config (random weights: speed and size only)."""
     from edgepack.artifact import open_artifact
-    from edgepack.bench.compare_table import build_llama_25m
+    from edgepack.bench.shapes import build_llama_25m
     from edgepack.compress.quantize import QuantizeConfig, quantize
     from edgepack.deploy.onnx_export import ExportConfig, export_onnx
     from edgepack.output import fmt_bytes, print_table

@@ -1,7 +1,7 @@
 """Side-by-side bench of several artifacts in ONE process, interleaved in rounds, for the bench note.
 
-    .venv/bin/python bench/compare_table.py --make-25m edgepack-runs/bench/llama-25m     # build the 25M model once
-    .venv/bin/python bench/compare_table.py stories-fp32=../shared/models/stories260K \\
+    .venv/bin/python scripts/compare_table.py --make-25m edgepack-runs/bench/llama-25m     # build the 25M model once
+    .venv/bin/python scripts/compare_table.py stories-fp32=../shared/models/stories260K \\
         25m-fp32=edgepack-runs/bench/llama-25m  25m-int8=PATH:onnxruntime ...  [--rounds 3 --runs 5 --threads 1]
 
 Each round benchmarks every artifact once (edgepack.bench.run.run_bench, protocol edgepack-bench-v1), so slow
@@ -18,29 +18,6 @@ import json
 import statistics
 import sys
 from pathlib import Path
-
-# 25M-parameter Llama: hidden 512, 8 layers, 8 heads (the llama2.c stories42M block shape) with the stories260K
-# tokenizer (vocab 512, tied embeddings): 8 x (4 x 512^2 + 3 x 512 x 1376) + 512^2 = 25.56M parameters.
-LLAMA_25M = dict(vocab_size=512, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                 num_key_value_heads=8, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-                 tie_word_embeddings=True, rms_norm_eps=1e-5)
-
-
-def build_llama_25m(path: Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from edgepack.hf import copy_tokenizer
-    from edgepack.plan import embedded_path
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA_25M)).eval()
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    copy_tokenizer(embedded_path("stories260K"), path)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {path}: {n:,} parameters (random weights, seed {seed})", file=sys.stderr)
-    return path
 
 
 def fresh_process_memory(path: str, runtime: str | None, args) -> dict:
@@ -71,6 +48,8 @@ def main(argv=None) -> None:
     ap.add_argument("--realtime", action="store_true", help="time under SCHED_FIFO (see edgepack bench --realtime)")
     args = ap.parse_args(argv)
     if args.make_25m:
+        from edgepack.bench.shapes import build_llama_25m
+
         build_llama_25m(args.make_25m)
         return
 

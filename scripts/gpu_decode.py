@@ -1,7 +1,7 @@
 """Decode speed of the GPU runtimes against transformers `generate`, on a Llama built from a config (random weights:
 speed does not depend on the values). Run on the GPU machine:
 
-    python -m edgepack.bench.gpu_decode --target h100-sxm            # 1B shape, bf16, prompt 128, 256 new tokens
+    python scripts/gpu_decode.py --target h100-sxm            # 1B shape, bf16, prompt 128, 256 new tokens
 
 Variants (each on a fresh model with the same seed): hf-generate (baseline, same run), graph (static cache + CUDA
 graph), graph+compile (torch.compile'd step inside the graph), int8 / int4 / fp8 (torchao weight-only, under

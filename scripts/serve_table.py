@@ -6,7 +6,7 @@
     http 8c/2s  8 concurrent clients, 2 slots (one runtime each, 1 thread each)
 
 Rounds alternate between the modes so a noisy, shared CPU hits them alike; medians over rounds are reported.
-Run by hand:  .venv/bin/python bench/serve_table.py [--rounds 3] [--tokens 32]
+Run by hand:  .venv/bin/python scripts/serve_table.py [--rounds 3] [--tokens 32]
 Prints a table, then one JSON line.
 """
 
@@ -42,7 +42,8 @@ def main() -> None:
 
     from edgepack.deploy.bundle import make_bundle
     from edgepack.deploy.generation import GenerationConfig, generate
-    from edgepack.deploy.serve import BackgroundServer, ServeConfig, load_served
+    from edgepack.deploy.serve import BackgroundServer
+    from edgepack.deploy.serve_engine import ServeConfig, load_served
     from edgepack.output import print_table
     from edgepack.targets import load_target
 

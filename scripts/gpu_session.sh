@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of issues 3, 9 and 10 in ONE call of a lent GPU machine (an H100 / H200 with the image's python3,
 # torch and transformers; no network). Results land in $OUT (default /tmp/edgepack-gpu): gpu-tests.log,
-# gpu_decode.json (last JSON line of bench/gpu_decode.py), small-report.md + small-run.json (the small recipe with the
+# gpu_decode.json (last JSON line of scripts/gpu_decode.py), small-report.md + small-run.json (the small recipe with the
 # h100-sxm branch measured on this GPU), at most 8 files (the device tool's limit). Budget: ~8 minutes of a 10-minute call; each step has its own timeout, and
 # a failing step does not stop the later ones.
 #
@@ -11,7 +11,7 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl torchao==0.18.0 bitsandbytes==0.50.2
 # and the shared model and data into the tree (the machine gets only the repository):
 #   echo /.shared/ >> .git/info/exclude; mkdir -p .shared && cp -r ../shared/models ../shared/data .shared/
-# then run: bash bench/gpu_session.sh   with carry [".whl", ".shared"] and timeout_s 600.
+# then run: bash scripts/gpu_session.sh   with carry [".whl", ".shared"] and timeout_s 600.
 set -uo pipefail
 OUT=${OUT:-/tmp/edgepack-gpu}
 mkdir -p "$OUT"
@@ -45,7 +45,7 @@ EDGEPACK_SHARED=$PWD/.shared timeout 200 python3 -P -m pytest -q -m gpu tests/te
   tests/test_quantize.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
 
 # 2. issue 10's numbers: 1B-shape Llama bf16, prompt 128, 256 new tokens; generate vs graph vs compile vs int8/int4/fp8
-timeout 300 python3 -P -m edgepack.bench.gpu_decode --target h100-sxm 2>&1 | tee "$OUT/gpu_decode.log" | tail -15
+timeout 300 python3 -P scripts/gpu_decode.py --target h100-sxm 2>&1 | tee "$OUT/gpu_decode.log" | tail -15
 tail -1 "$OUT/gpu_decode.log" >"$OUT/gpu_decode.json"
 
 # 3. issue 9: the small recipe, its h100-sxm branch measured here (the H200 is sm_90 like the target), then the report

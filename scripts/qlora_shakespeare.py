@@ -1,6 +1,6 @@
 """QLoRA (NF4 base) vs plain fp32 LoRA on stories260K + tinyshakespeare, side by side in one process.
 
-    .venv/bin/python bench/qlora_shakespeare.py [--steps 400] [--lr 3e-3] [--methods qlora,lora] [--threads 1]
+    .venv/bin/python scripts/qlora_shakespeare.py [--steps 400] [--lr 3e-3] [--methods qlora,lora] [--threads 1]
 
 The data goes through `tune prepare` (paragraphs, de-duplicated, seeded 8:1:1 split). Held-out perplexity is the
 edgepack-ppl-v1 protocol (window 512, stride 256, BOS once) on the test split's paragraphs joined by blank lines;
@@ -29,7 +29,7 @@ TINYSTORIES = SHARED / "data" / "tinystories-valid-sample.txt"
 
 def ppl_on(art_path: Path, text_path: Path, max_tokens: int | None) -> float:
     from edgepack.artifact import open_artifact
-    from edgepack.compress.evaluate import PplProtocol, evaluate_artifact
+    from edgepack.quality import PplProtocol, evaluate_artifact
 
     return evaluate_artifact(open_artifact(art_path), text_path, PplProtocol(max_tokens=max_tokens)).perplexity
 

@@ -2,8 +2,8 @@
 side in one process. Random weights (the shape is what matters for memory and speed), stories260K tokenizer, the
 tinyshakespeare text as data.
 
-    .venv/bin/python bench/qlora_gpu_memory.py [--steps 30] [--seq-len 512] [--batch-size 4]   # needs CUDA
-    .venv/bin/python bench/qlora_gpu_memory.py --shape tiny --steps 4                          # CPU smoke run
+    .venv/bin/python scripts/qlora_gpu_memory.py [--steps 30] [--seq-len 512] [--batch-size 4]   # needs CUDA
+    .venv/bin/python scripts/qlora_gpu_memory.py --shape tiny --steps 4                          # CPU smoke run
 
 Peak memory = torch.cuda.max_memory_allocated during training (model resident, activations, optimizer), reset after
 the reference evaluation. The issue's target: QLoRA peak <= 0.6x bf16 LoRA's. Prints a table, then one JSON line.

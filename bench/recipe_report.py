@@ -1,4 +1,4 @@
-"""`edgepack report RUN_DIR -o report.html|report.md [--json]`: one report for a recipe run, read from run.json and
+"""The report of a recipe run (`edgepack report RUN_DIR -o report.html|report.md [--json]`), read from run.json and
 every stage's manifest (edgepack.json). Nothing is executed and nothing heavy is imported (no torch).
 
 Per target: the bundle (path, size, id, runtime, precision), its fit verdict (targets.fit, a prediction), the
@@ -17,12 +17,9 @@ import html
 import tempfile
 from pathlib import Path
 
-import click
-
 from edgepack.artifact import load_json
-from edgepack.commands import json_opt
 from edgepack.errors import ArtifactError, ConfigError
-from edgepack.output import emit_json, fmt_bytes
+from edgepack.output import fmt_bytes
 
 MANIFEST = "edgepack.json"
 PREDICTED = "predicted"
@@ -334,27 +331,3 @@ def write_report(run_dir, out, *, plots: bool = True) -> dict:
         else:
             out.write_text(render_html(rep, {k: base64.b64encode(p.read_bytes()).decode() for k, p in pngs.items()}))
     return {"report": rep, "written": [str(out)] + written}
-
-
-@click.command("report")
-@click.argument("run_dir", type=click.Path())
-@click.option("-o", "--output", type=click.Path(), help="report.html (self-contained) or report.md (+ PNG files).")
-@click.option("--no-plots", is_flag=True, help="Tables only (no matplotlib needed).")
-@json_opt
-def report_cmd(run_dir, output, no_plots, as_json):
-    """Report on a recipe run: per target the bundle, size, fit verdict, perplexity after each stage, measured or
-    predicted speed. Reads run.json and the manifests only."""
-    from edgepack.output import print_table
-
-    if output:
-        res = write_report(run_dir, output, plots=not no_plots)
-        rep = res["report"]
-    else:
-        rep, res = build_report(run_dir), {"written": []}
-    if as_json:
-        emit_json({**rep, "written": res["written"]})
-        return
-    print_table(f"report: {rep['run']['name']} ({rep['run']['run_dir']})", *summary_rows(rep),
-                caption="speed: measured where the bench ran on the target's hardware, else PREDICTED (roofline)")
-    for p in res["written"]:
-        click.echo(f"wrote {p}")

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import click
 
-from edgepack.commands import force_opt, headline, json_opt, trust_opt
+from edgepack.cli.common import config_from, config_option, force_opt, headline, json_opt, trust_opt
 from edgepack.output import emit_json, fmt_bytes, print_table
+from edgepack.tune.data import PrepareConfig
+from edgepack.tune.qlora import TuneConfig
+
+T = TuneConfig
 
 
 @click.group("tune")
@@ -24,30 +28,30 @@ def _first(items: list[dict], n: int = 5) -> str:
 @tune_group.command("prepare")
 @click.argument("data", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder for train/validation/test.jsonl + report.json.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the train/validation/test split.")
-@click.option("--split", default="0.8,0.1,0.1", show_default=True, help="train,validation,test fractions.")
-@click.option("--near-dup-threshold", default=0.8, show_default=True,
-              help="Word-3-shingle Jaccard at which two records are near-duplicates (0 disables).")
-@click.option("--no-strip-markup", is_flag=True, help="Keep HTML tags and entities.")
+@config_option(PrepareConfig, "seed", help="Seed of the train/validation/test split.")
+@config_option(PrepareConfig, "split", help="train,validation,test fractions.")
+@config_option(PrepareConfig, "near_dup_threshold",
+               help="Word-3-shingle Jaccard at which two records are near-duplicates (0 disables).")
+@config_option(PrepareConfig, "strip_markup", help="Remove HTML tags and entities (--no-strip-markup keeps them).")
 @click.option("--strict", is_flag=True, help="Fail on the first malformed line instead of reporting and dropping it.")
 @click.option("--model", type=click.Path(), help="Tokenizer (model folder) for token counts and loss-mask statistics.")
 @click.option("--seq-len", default=256, show_default=True, help="Packed sequence length for the statistics.")
 @force_opt
 @json_opt
-def prepare_cmd(data, output, seed, split, near_dup_threshold, no_strip_markup, strict, model, seq_len, force, as_json):
+def prepare_cmd(data, output, split, near_dup_threshold, strict, model, seq_len, force, as_json, **settings):
     """Clean, de-duplicate and split DATA (.jsonl instruction/chat/text records, .json array, or .txt)."""
     from edgepack.artifact import check_output_dir
-    from edgepack.config import build_config
     from edgepack.errors import ConfigError
-    from edgepack.tune.data import PrepareConfig, prepare, write_prepared
+    from edgepack.tune.data import prepare, write_prepared
 
     check_output_dir(Path(output), force)
     try:
         fractions = [float(x) for x in split.split(",")]
     except ValueError:
         raise ConfigError(f"--split '{split}' is not three comma-separated numbers", "e.g. --split 0.8,0.1,0.1") from None
-    cfg = build_config(PrepareConfig, {"seed": seed, "split": fractions, "strip_markup": not no_strip_markup,
-                                       "near_dup_threshold": near_dup_threshold or None}, "tune prepare options")
+    cfg = config_from(PrepareConfig, settings, "tune prepare options", split=fractions,
+                      near_dup_threshold=near_dup_threshold or None)
+    seed = cfg.seed
     prep = prepare(data, cfg)
     bad = prep.report["dropped"]["malformed"]
     if strict and bad:
@@ -79,56 +83,46 @@ def prepare_cmd(data, output, seed, split, near_dup_threshold, no_strip_markup, 
 
 @tune_group.command("qlora")
 @click.argument("model", type=click.Path())
-@click.option("--data", required=True, type=click.Path(), help="Data file (.jsonl/.json/.txt) or a 'tune prepare' folder.")
+@config_option(T, "data", required=True, type=click.Path(), help="Data file (.jsonl/.json/.txt) or a 'tune prepare' folder.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output artifact directory.")
-@click.option("--method", type=click.Choice(("qlora", "lora")), default="qlora", show_default=True,
-              help="qlora: 4-bit NF4 base; lora: full-precision base.")
-@click.option("--rank", default=16, show_default=True)
-@click.option("--alpha", default=32.0, show_default=True)
-@click.option("--dropout", default=0.05, show_default=True)
-@click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated module names.")
-@click.option("--seq-len", default=256, show_default=True)
-@click.option("--batch-size", default=8, show_default=True, help="Sequences per micro-batch (per process).")
-@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--steps", default=400, show_default=True, help="Optimizer steps (at most).")
-@click.option("--lr", default=2e-4, show_default=True, help="Peak learning rate (tiny models like ~3e-3).")
-@click.option("--warmup-steps", default=20, show_default=True)
-@click.option("--max-grad-norm", default=1.0, show_default=True)
-@click.option("--eval-every", default=50, show_default=True)
-@click.option("--eval-blocks", default=64, show_default=True, help="Validation sequences per evaluation.")
-@click.option("--patience", default=3, show_default=True, help="Evaluations without improvement before stopping (0: off).")
-@click.option("--save-every", default=100, show_default=True, help="Steps between checkpoints.")
-@click.option("--gradient-checkpointing", is_flag=True)
-@click.option("--no-double-quant", is_flag=True)
-@click.option("--compute-dtype", type=click.Choice(("auto", "float32", "bfloat16", "float16")), default="auto",
-              show_default=True)
-@click.option("--no-merge", is_flag=True, help="Write only the adapter (format lora-adapter).")
-@click.option("--merge-into", type=click.Choice(("dequantized", "original")), default="dequantized", show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--max-minutes", type=float, default=None, help="Stop training after this much wall time.")
-@click.option("--threads", type=int, default=None, help="CPU threads (1 is fastest on a busy shared CPU).")
+@config_option(T, "method", help="qlora: 4-bit NF4 base; lora: full-precision base.")
+@config_option(T, "rank", help="LoRA rank r.")
+@config_option(T, "alpha", help="LoRA scaling numerator (update = alpha / r * B A).")
+@config_option(T, "dropout", help="Dropout on the LoRA input path.")
+@config_option(T, "target_modules", help="Comma-separated module names, or all-linear.")
+@config_option(T, "seq_len", help="Tokens per packed sequence.")
+@config_option(T, "batch_size", help="Sequences per micro-batch (per process).")
+@config_option(T, "grad_accum", help="Micro-batches per optimizer step.")
+@config_option(T, "steps", help="Optimizer steps (at most).")
+@config_option(T, "lr", help="Peak learning rate (tiny models like ~3e-3).")
+@config_option(T, "warmup_steps", help="Linear warm-up steps (then cosine decay).")
+@config_option(T, "max_grad_norm", help="Gradient clipping (L2 norm).")
+@config_option(T, "eval_every", help="Optimizer steps between validation measurements.")
+@config_option(T, "eval_blocks", help="Validation sequences per evaluation.")
+@config_option(T, "patience", help="Evaluations without improvement before stopping (0: off).")
+@config_option(T, "save_every", help="Steps between checkpoints.")
+@config_option(T, "gradient_checkpointing", help="Recompute activations in backward (less memory, slower).")
+@config_option(T, "double_quant", help="Quantize the NF4 scales too (QLoRA double quantization).")
+@config_option(T, "compute_dtype", help="auto: float32 on CPU, bfloat16 on GPUs that have it.")
+@config_option(T, "merge", help="Write a merged full-precision model (--no-merge: the adapter alone, format lora-adapter).")
+@config_option(T, "merge_into", help="Which full-precision base the adapter is merged into.")
+@config_option(T, "seed", help="LoRA init, dropout and data order.")
+@config_option(T, "max_minutes", help="Stop training after this much wall time.")
+@config_option(T, "threads", help="CPU threads (1 is fastest on a busy shared CPU).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoints of an interrupted run.")
 @force_opt
 @trust_opt
 @json_opt
-def qlora_cmd(model, data, output, method, rank, alpha, dropout, target_modules, seq_len, batch_size, grad_accum, steps,
-              lr, warmup_steps, max_grad_norm, eval_every, eval_blocks, patience, save_every, gradient_checkpointing,
-              no_double_quant, compute_dtype, no_merge, merge_into, seed, max_minutes, threads, resume, force, trust_pickle, as_json):
+def qlora_cmd(model, output, resume, force, trust_pickle, as_json, **settings):
     """Fine-tune MODEL on DATA with QLoRA (or --method lora); writes a merged full-precision artifact + adapter."""
     from edgepack.artifact import check_output_dir, open_artifact
-    from edgepack.config import build_config
     from edgepack.progress import progress
-    from edgepack.tune.qlora import TuneConfig, tune
+    from edgepack.tune.qlora import tune
 
     check_output_dir(Path(output), force)
-    raw = dict(data=str(data), method=method, rank=rank, alpha=alpha, dropout=dropout,
-               target_modules=[t.strip() for t in target_modules.split(",") if t.strip()], seq_len=seq_len,
-               batch_size=batch_size, grad_accum=grad_accum, steps=steps, lr=lr, warmup_steps=warmup_steps,
-               max_grad_norm=max_grad_norm, eval_every=eval_every, eval_blocks=eval_blocks, patience=patience,
-               save_every=save_every, gradient_checkpointing=gradient_checkpointing, double_quant=not no_double_quant,
-               compute_dtype=compute_dtype, merge=not no_merge, merge_into=merge_into, seed=seed, max_minutes=max_minutes,
-               threads=threads)
-    cfg = build_config(TuneConfig, raw, "tune qlora options")
+    modules = [t.strip() for t in settings["target_modules"].split(",") if t.strip()]
+    cfg = config_from(TuneConfig, settings, "tune qlora options", data=str(settings["data"]), target_modules=modules)
+    method, steps, rank = cfg.method, cfg.steps, cfg.rank
     src = open_artifact(model, trust_pickle=trust_pickle)
     with progress(f"tune ({method})", total=steps, enabled=not as_json) as update:
         art = tune(src, cfg, None, Path(output), force=force, resume=bool(resume),

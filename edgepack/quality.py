@@ -1,4 +1,6 @@
-"""Perplexity under one fixed, documented protocol, and SQNR. Every number carries the protocol it was made with.
+"""Quality measures every stage shares: perplexity under one fixed, documented protocol, SQNR and logit parity on a
+fixed probe, held-out text splits, and the table of scorers per artifact format. Every number carries the protocol
+it was made with.
 
 Protocol `edgepack-ppl-v1` (the default, used by every stage's quality numbers):
   - the whole text is one token stream: tokenized once without special tokens, BOS prepended once
@@ -148,17 +150,29 @@ def hf_logits_fn(model) -> LogitsFn:
     return fn
 
 
-# Which scorer opens an artifact of each format: "module:function(artifact) -> (logits_fn, tokenizer_dir,
-# max_positions)". An explicit closed table: formats are added here by the stage that creates them.
-SCORERS: dict[str, str] = {
-    "hf": "edgepack.compress.evaluate:open_hf_scorer",
-    "onnx": "edgepack.deploy.ort_runtime:open_onnx_scorer",
-    "torch-quant": "edgepack.compress.quant_torch:open_torch_quant_scorer",
-}
+def probe_ids(vocab_size: int, length: int = 64, seed: int = 0) -> np.ndarray:
+    """A fixed pseudo-random token sequence [1, length] used to compare logits between an artifact and its parent."""
+    return np.random.default_rng(seed).integers(3, vocab_size, size=(1, length), dtype=np.int64)
+
+
+def logits_parity(ref_fn, test_fn, vocab_size: int) -> dict:
+    """max-abs-diff, SQNR and argmax agreement of logits on the fixed probe (both fns: [1,T] ids -> [1,T,V])."""
+    ids = probe_ids(vocab_size)
+    ref, test = np.asarray(ref_fn(ids)), np.asarray(test_fn(ids))
+    return {"max_abs_diff": float(np.abs(ref - test).max()), "sqnr_db": round(sqnr_db(ref, test), 2),
+            "argmax_agreement": float((ref.argmax(-1) == test.argmax(-1)).mean())}
+
+
+def split_at_line(text: str, fraction: float) -> tuple[str, str, int]:
+    """(leading part, rest, cut): the cut is the first line break after `fraction` of the characters, so calibration
+    / training text and held-out text never share a line."""
+    cut = text.find("\n", int(len(text) * fraction))
+    cut = cut if cut > 0 else int(len(text) * fraction)
+    return text[:cut], text[cut:], cut
 
 
 def open_hf_scorer(art):
-    from edgepack.artifact import read_model_config
+    from edgepack.facts import read_model_config
     from edgepack.hf import load_model
 
     model = load_model(art)
@@ -169,10 +183,12 @@ def open_hf_scorer(art):
 def open_scorer(art):
     import importlib
 
-    spec = SCORERS.get(art.format)
+    from edgepack.formats import FORMATS
+
+    spec = FORMATS[art.format].scorer if art.format in FORMATS else None
     if spec is None:
         raise ArtifactError(f"perplexity is not available for '{art.format}' artifacts",
-                            f"evaluate one of: {', '.join(SCORERS)}")
+                            f"evaluate one of: {', '.join(n for n, f in FORMATS.items() if f.scorer)}")
     mod, fn = spec.split(":")
     return getattr(importlib.import_module(mod), fn)(art)
 

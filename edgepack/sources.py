@@ -1,0 +1,62 @@
+"""Where a model or a data file comes from: shipped inside the package ("embedded:NAME"), a local path (relative
+ones resolve against a base folder, e.g. the recipe's), or a Hugging Face hub id ("org/name"), fetched only when a
+run starts (safetensors, configs and tokenizer; never pickles)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from edgepack.errors import ConfigError
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+def embedded_path(name: str) -> Path:
+    """Files shipped inside the package (the demo model and text)."""
+    from importlib import resources
+
+    p = Path(str(resources.files("edgepack").joinpath("data", name)))
+    if not p.exists():
+        raise ConfigError(f"there is no embedded '{name}'", "embedded items: stories260K, tinystories-sample.txt")
+    return p
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]  # never pickles (*.bin, *.pt)
+
+
+def resolve_model(value: str, base: Path) -> Path | str:
+    """A local path (relative to the recipe), else a Hugging Face hub id ("org/name") kept as text: it is fetched
+    when the run starts (fetch_model), never when a recipe is loaded or dry-run."""
+    p = resolve_path(value, base)
+    return value if (not p.exists() and HUB_ID.match(value) and not value.startswith(".")) else p
+
+
+def is_hub_id(model) -> bool:
+    return isinstance(model, str)
+
+
+def fetch_model(model) -> Path:
+    """The local directory of the recipe's model: a hub id is downloaded (safetensors, configs, tokenizer only) into
+    the Hugging Face cache, or found there offline (HF_HUB_OFFLINE=1)."""
+    if not is_hub_id(model):
+        return model
+    from huggingface_hub import snapshot_download  # a dependency of transformers
+
+    from edgepack.errors import EdgepackError
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=HUB_FILES))
+    except Exception as exc:  # network, auth (gated models), offline cache miss: one line for the user
+        raise EdgepackError(f"cannot fetch '{model}' from the Hugging Face hub ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]})",
+                            "check the id and your network; gated models (Llama) need 'huggingface-cli login' "
+                            "and an accepted licence; or set model to a local checkpoint directory") from None
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    if value.startswith(EMBEDDED_PREFIX):
+        return embedded_path(value[len(EMBEDDED_PREFIX):])
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
