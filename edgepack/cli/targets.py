@@ -62,26 +62,13 @@ FIT_PRECISIONS = tuple(p for p in PRECISIONS if p != "nf4")  # the --target all 
 
 
 def _model_config(model: str) -> dict:
+    """fit reads only the model's config: a model directory, its config.json, or any JSON file holding one."""
     from edgepack.errors import ArtifactError
     from edgepack.facts import read_model_config
 
-    p = Path(model)
-    if p.is_file() and p.name.endswith(".json"):
-        return read_model_config(p.parent) if p.name == "config.json" else _json_file(p)
-    if not p.exists():
+    if not Path(model).exists():
         raise ArtifactError(f"'{model}' does not exist", "pass a model directory or its config.json")
-    return read_model_config(p)
-
-
-def _json_file(p: Path) -> dict:
-    import json
-
-    from edgepack.errors import ConfigError
-
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{p} is malformed JSON ({exc})", "fix the file") from None
+    return read_model_config(model)
 
 
 @click.command("fit")
