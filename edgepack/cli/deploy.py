@@ -64,7 +64,8 @@ def export_onnx_cmd(model, output, target_name, force, trust_pickle, as_json, **
 @config_option(C, "max_context", help="GPU runtimes: static KV cache / TensorRT profile length in tokens (0 = the "
                                       "model's, <= 4096).")
 @config_option(C, "max_batch", help="GPU runtimes: largest batch.")
-@config_option(C, "torch_compile", help="torch-cuda: torch.compile the decode step before capturing it in a CUDA graph.")
+@config_option(C, "torch_compile", help="torch-cuda: torch.compile the decode step before capturing it in CUDA graphs "
+                                       "(off by default: it pays only where scripts/gpu_decode.py measured it to).")
 @force_opt
 @trust_opt
 @json_opt
