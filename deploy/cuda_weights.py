@@ -21,6 +21,7 @@ from pathlib import Path
 
 from edgepack.errors import ArtifactError, UnsupportedOnTarget
 
+RUNTIME_FILE = "torch_cuda.json"  # torch-cuda runtime settings, next to the weights (written by deploy/gpu_compile.py)
 LOWBIT = ("int8", "int4", "fp8")
 WEIGHTS_FILE = "model.safetensors"
 TORCH_CUDA_FORMAT = "torch-cuda"
@@ -169,9 +170,17 @@ def _materialize_buffers(model, device) -> None:
             set_module(model, name, new)
 
 
-def read_layers(path: Path) -> dict:
-    from edgepack.deploy.torch_cuda import read_settings
+def read_settings(path: Path, extra: dict) -> dict:
+    """torch_cuda.json of a compiled artifact over the manifest's extra (older artifacts: extra alone)."""
+    from edgepack.artifact import load_json
 
+    p = Path(path) / RUNTIME_FILE
+    settings = load_json(p, "re-run compile") if p.is_file() else {}
+    return {**{k: extra[k] for k in ("precision", "dtype", "max_context", "max_batch", "torch_compile") if k in extra},
+            **settings}
+
+
+def read_layers(path: Path) -> dict:
     return read_settings(path, {}).get("layers") or {}
 
 
@@ -346,7 +355,7 @@ def measure_quality(qsrc, dst: Path, layers: dict) -> dict:
     ref, _ = load_quantized(qsrc.path, "cpu")
     parity = logits_parity(hf_logits_fn(ref), hf_logits_fn(model), model.config.vocab_size)
     m = rec.get("metrics") or {}
-    out = {"ppl_gpu_weights": round(got.perplexity, 5), "eval_tokens": got.tokens, "quality_note": note,
+    out = {"ppl_after": round(got.perplexity, 5), "eval_tokens": got.tokens, "quality_note": note,
            "quality_emulation": "CPU, fp32 activations, the exact weights the GPU kernels hold (int4 tinygemm "
                                 "bf16((q-8)s+zf); int8 (q-128)s; fp8 e4m3 x row scale with per-token fp8 "
                                 "activations); 16-bit embeddings and norms as stored",

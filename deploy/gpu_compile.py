@@ -151,8 +151,7 @@ def _record(src, cfg, path, target, metrics: dict, t0: float) -> dict:
 def _torch_cuda(src, cfg, path, target, out, force, t0) -> Artifact:
     import torch
 
-    from edgepack.deploy.cuda_weights import LOWBIT, TORCH_CUDA_FORMAT, compile_lowbit
-    from edgepack.deploy.torch_cuda import RUNTIME_FILE
+    from edgepack.deploy.cuda_weights import LOWBIT, RUNTIME_FILE, TORCH_CUDA_FORMAT, compile_lowbit
     from edgepack.hf import copy_tokenizer, load_model
 
     if src.format not in ("hf", "torch-quant"):

@@ -22,17 +22,16 @@ int8 / fp8 weight-only dequantize fuses into the GEMV: gpt-fast's recipe).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from edgepack.deploy.cuda_weights import RUNTIME_FILE, read_settings  # noqa: F401 (RUNTIME_FILE: re-exported)
 from edgepack.deploy.runtime import process_rss_bytes
 from edgepack.errors import ConfigError, UnsupportedOnTarget
 
-RUNTIME_FILE = "torch_cuda.json"  # torch-cuda runtime settings, next to the weights (written by deploy/gpu_compile.py)
 WARMUP_STEPS = 3  # eager runs on a side stream before capture: cuBLAS handles, autotuning, torch.compile itself
 MIN_BUCKET = 512  # shortest attended length: 512 slots of a 1B Llama's KV are 16 MiB a token, <1% of its weights
 # precision -> does torch.compile pay for its compile time (decode speed-up against the extra seconds), as measured
@@ -309,14 +308,6 @@ class TorchCudaRuntime:
                 "cuda_graph": self.use_cuda_graph, "torch_compile": self.torch_compile,
                 "attention": self.attention, "cache_keyword": self._cache_kw, "buckets": list(self.buckets),
                 "capture_seconds": dict(self.capture_seconds)}
-
-
-def read_settings(path: Path, extra: dict) -> dict:
-
-    p = Path(path) / RUNTIME_FILE
-    settings = json.loads(p.read_text()) if p.is_file() else {}
-    return {**{k: extra[k] for k in ("precision", "dtype", "max_context", "max_batch", "torch_compile") if k in extra},
-            **settings}
 
 
 def open_torch_cuda_dir(path: Path, extra: dict, device: str = "cuda", use_cuda_graph: bool | None = None,

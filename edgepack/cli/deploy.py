@@ -92,6 +92,13 @@ def compile_cmd(model, target_name, output, force, trust_pickle, as_json, **sett
     print_table(f"compile for {target.name}: wrote {art.path}", ["runtime", "precision", "made by", "size",
                                                                  "decode tok/s", "seconds"], rows,
                 caption=m.get("note") or m.get("speed_note") or f"run it: edgepack generate {art.path} --prompt 'Once upon a time'")
+    for label, key in (("checked here", "checked_here"), ("only the GPU can check", "gpu_only")):
+        for line in m.get(key) or []:
+            click.echo(f"{label}: {line}")
+    if m.get("ppl_after") is not None:
+        click.echo(f"quality on the GPU kernels' exact weights (CPU emulation): perplexity {m['ppl_after']}"
+                   + (f" ({m['ppl_delta_vs_quantized_pct']:+.3f}% vs the quantize stage's {m['ppl_quantized']})"
+                      if m.get("ppl_quantized") is not None else ""))
 
 
 @click.command("generate")
