@@ -302,7 +302,7 @@ def compile_lowbit(src, cfg, precision: str, target, dst: Path, work: Path) -> t
     settings = {"layers": layers, "int4_group_size": group, "quantized_from": f"{meta['method']} codes"
                 + (f" from {src.path.name}" if src.format == "torch-quant" else " (quantize stage, run by compile)")}
     metrics = {"bytes": weight_bytes, **checks, **measure_quality(qsrc, dst, layers),
-               **fit_prediction(dst, target, precision, group)}
+               **fit_prediction(dst, target, precision, group), **({"group_size": group} if group else {})}
     return (qsrc if qsrc is src else open_artifact(qsrc.path)), settings, metrics
 
 

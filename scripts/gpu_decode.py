@@ -35,8 +35,8 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
 }
-GPU_VARIANTS = ("hf-generate", "bf16", "int4", "int8", "fp8", "bf16+compile", "int4+compile", "fp8+compile",
-                "int8+compile")
+GPU_VARIANTS = ("hf-generate", "bf16", "int4", "int8", "fp8", "bf16+compile", "int8+compile", "int4+compile",
+                "fp8+compile")
 CPU_VARIANTS = ("hf-generate", "fp32", "int8", "int4", "fp8")  # --device cpu --dtype float32: the mechanics
 NEEDS_S = {"hf-generate": 40, "plain": 15, "compile": 75}  # rough seconds a variant needs on an H200 (deadline)
 BARS = {"bf16_pct_of_bandwidth": 60.0, "int4_over_bf16": 1.8, "fp8_over_bf16": 1.0, "peak_vs_fit_within": 0.15}
@@ -45,15 +45,31 @@ RUNS = 3  # timed generations per variant (median)
 
 def build_model(shape: str, dtype, device: str, context: int, seed: int = 0):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    # tied embeddings as in Llama-3.2-1B (1.24B parameters with this shape)
+    # tied embeddings as in Llama-3.2-1B (1.24B parameters with this shape); made in `dtype` directly, so no fp32
+    # copy ever sits in the allocator's cache
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(context, 2048), tie_word_embeddings=True,
                       bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     return model
+
+
+def int4_kernel_exact(tensors: dict, layers: dict, device: str) -> bool:
+    """The tinygemm kernel's own dequantized weight of the first int4 layer (x = I, on `device`) equals the
+    emulation the quality is measured with, bit for bit."""
+    import torch
+
+    from edgepack.compress.quant_kernels import Int4Linear, int4_dequantize
+
+    name, rec = next(iter(layers.items()))
+    q, sz = tensors[f"{name}.qweight"], tensors[f"{name}.scales_and_zeros"]
+    k, g = rec["in_features"], rec["group_size"]
+    lin = Int4Linear(q, sz, g, k, rec["out_features"], device=device)
+    got = lin(torch.eye(k, dtype=torch.bfloat16, device=device)).t().cpu()
+    return bool(torch.equal(got, int4_dequantize(q.cpu(), sz.cpu(), g, k)))
 
 
 def _sync(device: str):
@@ -135,7 +151,8 @@ def run_runtime(rt, prompt, new_tokens: int, device: str) -> dict:
     return {"decode_tokens_per_s": statistics.median(s[1] for s in steady),
             "decode_tokens_per_s_synced": statistics.median(r.decode_tokens_per_s for r in synced),
             "ttft_s": ttft, "prefill_tokens_per_s": prompt.shape[1] / ttft, "setup_s": round(setup, 2),
-            "capture_s": dict(rt.capture_seconds), "new_tokens": new_tokens, "runs": RUNS}
+            "capture_s": dict(rt.capture_seconds), "new_tokens": new_tokens, "runs": RUNS,
+            "tokens_head": synced[0].tokens[0, :32].tolist()}
 
 
 def lowbit_model(model, precision: str, args, work: Path):
@@ -146,6 +163,7 @@ def lowbit_model(model, precision: str, args, work: Path):
     from edgepack.deploy import cuda_weights as cw
 
     tensors, layers = cw.from_model(model, precision, args.group_size)
+    checks = {"int4_kernel_bit_exact": int4_kernel_exact(tensors, layers, args.device)} if precision == "int4" else {}
     d = work / precision
     d.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(d)
@@ -158,7 +176,7 @@ def lowbit_model(model, precision: str, args, work: Path):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     loaded = cw.build_model(d, layers, args.device)
-    info = {"bundle_bytes": size, "load_seconds": round(time.perf_counter() - t0, 2)}
+    info = {"bundle_bytes": size, "load_seconds": round(time.perf_counter() - t0, 2), **checks}
     if cuda:
         torch.cuda.synchronize()
         info["load_peak_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -196,7 +214,9 @@ def run_variant(name: str, args, target, work: Path) -> dict:
             model, info = lowbit_model(model, precision, args, work)
             row.update(info)
             row["kernel"] = KERNEL_NAMES[precision]
-        if cuda:
+        if cuda:  # the runtime's own footprint from here: weights, cache, graphs, workspaces
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         rt = TorchCudaRuntime(model, max_context=context, use_cuda_graph=cuda, torch_compile=compiled and cuda,
                               precision=precision)
@@ -212,7 +232,7 @@ def run_variant(name: str, args, target, work: Path) -> dict:
                 "pct_of_bandwidth": 100 * row["decode_tokens_per_s"] * per_token / target.bandwidth_bytes_per_s})
     if args.copy_bw:
         row["pct_of_measured_copy_bw"] = 100 * row["decode_tokens_per_s"] * per_token / args.copy_bw
-    if cuda:
+    if cuda and base != "hf-generate":
         row["peak_gpu_bytes"] = int(torch.cuda.max_memory_reserved()) + args.cuda_context_bytes
         row["peak_vs_fit"] = round(row["peak_gpu_bytes"] / rep.required_bytes, 4)
     return row
@@ -248,7 +268,9 @@ def summarize(rows: list[dict]) -> dict:
             g = ok[base]
             gain = 1 / g["decode_tokens_per_s"] - 1 / r["decode_tokens_per_s"]  # seconds saved per token
             extra = r["setup_s"] - g["setup_s"]
+            same = [a == b for a, b in zip(r.get("tokens_head") or [], g.get("tokens_head") or [])]
             compile_rows[base] = {"speedup": round(r["decode_tokens_per_s"] / g["decode_tokens_per_s"], 3),
+                                  "greedy_tokens_agree": round(sum(same) / len(same), 3) if same else None,
                                   "extra_setup_s": round(extra, 1),
                                   "break_even_tokens": round(extra / gain) if gain > 0 else None,
                                   "pays": bool(gain > 0 and r["decode_tokens_per_s"] / g["decode_tokens_per_s"] >= 1.1)}

@@ -21,6 +21,7 @@ _SCALE_BYTES_PER_GROUP = {"int4": 2.5, "nf4": 0.53}  # int4: fp16 scale + 4-bit 
 # Where a runtime stores its scales differently: torch-cuda's int4 (tinygemm) keeps a bf16 scale and a bf16 float
 # zero per group (deploy/cuda_weights.py)
 _RUNTIME_SCALE_BYTES_PER_GROUP = {("torch-cuda", "int4"): 4.0}
+_RUNTIME_SCALE_BYTES_PER_ROW = {("torch-cuda", "int8"): 4.0, ("torch-cuda", "fp8"): 4.0}  # an fp32 scale per channel
 _DEFAULT_GROUP = 128
 
 # Fixed runtime cost, bytes, by device type (measured or typical; see README "fit" section):
@@ -66,6 +67,13 @@ class ModelShape:
         """Parameters in the linear layers of all blocks (all experts)."""
         attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)  # q, o and k, v
         mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        return self.layers * (attn + mlp * max(1, self.experts))
+
+    @property
+    def block_linear_rows(self) -> int:
+        """Output rows (channels) of all block linears: what per-channel scales count."""
+        attn = self.head_dim * (self.heads + 2 * self.kv_heads) + self.hidden
+        mlp = (2 * self.intermediate + self.hidden) if self.gated_mlp else (self.intermediate + self.hidden)
         return self.layers * (attn + mlp * max(1, self.experts))
 
     @property
@@ -177,6 +185,7 @@ def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048,
     # share of compute, and quantizing them costs the most quality).
     other = act if quantized else _WEIGHT_BYTES[precision]
     weights = s.block_linear_params * wb + (s.embedding_params + s.lm_head_params) * other + s.norm_params * act
+    weights += s.block_linear_rows * _RUNTIME_SCALE_BYTES_PER_ROW.get((runtime, precision), 0.0)
     kv = 2 * s.layers * s.kv_heads * s.head_dim * context * batch * act
     ort_cpu = runtime == "onnxruntime" and target.device_type == "cpu"
     # Workspace: prefill activations for one full-length pass (residual, q/k/v/o, gated MLP intermediates), the

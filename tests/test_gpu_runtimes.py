@@ -488,8 +488,11 @@ def test_gpu_session_script_dry_run_on_cpu(tmp_path):
 
 # ------------------------------------------------------------------------------------------- on a CUDA GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True], ids=["graph", "graph+compile"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["graph", "torch_compile"])
 def test_cuda_graph_greedy_tokens_equal_eager_on_gpu(stories, compiled):
+    """Graphed decoding (one graph per bucket: 16, 32, 64 here) gives transformers' own greedy tokens. Compiled:
+    one bucket only (each bucket is another compile; scripts/gpu_session.sh leaves this case out of its 5-minute
+    call and measures compiling in scripts/gpu_decode.py instead)."""
     import torch
 
     from edgepack.deploy.generation import GenerationConfig, generate
@@ -500,13 +503,15 @@ def test_cuda_graph_greedy_tokens_equal_eager_on_gpu(stories, compiled):
     with torch.inference_mode():
         ref = model.generate(torch.tensor(PROMPT, device="cuda"), max_new_tokens=48, min_new_tokens=48,
                              do_sample=False, pad_token_id=0)[:, PROMPT.shape[1]:].cpu().numpy()
-    rt = TorchCudaRuntime(model, max_context=128, use_cuda_graph=True, torch_compile=compiled, min_bucket=16)
+    rt = TorchCudaRuntime(model, max_context=128, use_cuda_graph=True, torch_compile=compiled,
+                          min_bucket=128 if compiled else 16)
+    buckets = [128] if compiled else [16, 32, 64]  # the buckets reached by 6 + 48 tokens
     got = generate(rt, PROMPT, GenerationConfig(max_new_tokens=48))
-    assert sorted(rt.capture_seconds) == [16, 32, 64]  # one graph per bucket reached (6 + 48 tokens)
+    assert sorted(rt.capture_seconds) == buckets
     assert got.tokens.tolist() == ref.tolist()
     again = generate(rt, PROMPT, GenerationConfig(max_new_tokens=48))  # replays after reset give the same tokens
     assert again.tokens.tolist() == ref.tolist() and again.decode_tokens_per_s > 0
-    assert sorted(rt.capture_seconds) == [16, 32, 64]  # no new capture
+    assert sorted(rt.capture_seconds) == buckets  # no new capture
 
 
 @pytest.mark.gpu
