@@ -237,10 +237,10 @@ def check_kernels(tensors: dict, layers: dict, seed: int = 0) -> dict:
     here, gpu = [], ["CUDA graph capture and torch.compile of the decode step", "decode speed and peak memory"]
     if checked["int4"]:
         here.append(f"int4: {checked['int4']} layers in tinygemm's layout (groups, N % 8, K % (16 x innerKTiles), "
-                    f"padding); torch's CPU int4pack kernel recomputed {CHECK_COLUMNS} columns per layer: bit-identical "
-                    "to bf16((q - 8) * s + zf), the weights the quality was measured with")
+                    f"padding); torch's CPU int4pack kernel recomputed up to {CHECK_COLUMNS} input columns per layer: "
+                    "bit-identical to bf16((q - 8) * s + zf), the weights the quality was measured with")
         gpu.append("int4: the CUDA tinygemm kernel (aten._weight_int4pack_mm, sm_80+) and its bit-exact dequantization "
-                   "of the nibble-swapped layout (tests/test_gpu_runtimes.py, gpu marker)")
+                   "of the nibble-swapped layout (tests/test_gpu_kernels.py, gpu marker)")
     if checked["int8"]:
         here.append(f"int8: {checked['int8']} layers, int8 codes and fp32 row scales exactly the measured ones")
         gpu.append("int8: the fused dequantize-GEMV inductor makes with coordinate-descent tuning (eager materializes "
