@@ -114,9 +114,11 @@ def run_hf(model, prompt, new_tokens: int, device: str) -> dict:
         return time.perf_counter() - t0
 
     gen(4)  # warm-up
-    ttft, total = gen(1), gen(new_tokens)
-    return {"decode_tokens_per_s": (new_tokens - 1) / (total - ttft), "ttft_s": ttft,
-            "prefill_tokens_per_s": x.shape[1] / ttft, "new_tokens": new_tokens}
+    ttft = statistics.median(gen(1) for _ in range(3))
+    total = gen(new_tokens)
+    decode = (new_tokens - 1) / (total - ttft) if total > ttft else None  # None: too few tokens to time
+    return {"decode_tokens_per_s": decode, "ttft_s": ttft, "prefill_tokens_per_s": x.shape[1] / ttft,
+            "new_tokens": new_tokens}
 
 
 def steady_decode(rt, prompt, new_tokens: int, sync) -> tuple[float, float]:
@@ -228,10 +230,11 @@ def run_variant(name: str, args, target, work: Path) -> dict:
     mean_ctx = args.prompt + args.new_tokens // 2
     per_token = fit(config, target, precision=precision, context=mean_ctx, check_support=False,
                     runtime="torch-cuda", **group).bytes_per_token
+    tps = row["decode_tokens_per_s"] or 0.0
     row.update({"bytes_per_token": per_token, "fit_required_bytes": rep.required_bytes,
-                "pct_of_bandwidth": 100 * row["decode_tokens_per_s"] * per_token / target.bandwidth_bytes_per_s})
+                "pct_of_bandwidth": 100 * tps * per_token / target.bandwidth_bytes_per_s})
     if args.copy_bw:
-        row["pct_of_measured_copy_bw"] = 100 * row["decode_tokens_per_s"] * per_token / args.copy_bw
+        row["pct_of_measured_copy_bw"] = 100 * tps * per_token / args.copy_bw
     if cuda and base != "hf-generate":
         row["peak_gpu_bytes"] = int(torch.cuda.max_memory_reserved()) + args.cuda_context_bytes
         row["peak_vs_fit"] = round(row["peak_gpu_bytes"] / rep.required_bytes, 4)
@@ -240,7 +243,7 @@ def run_variant(name: str, args, target, work: Path) -> dict:
 
 def summarize(rows: list[dict]) -> dict:
     """The issue's bars (each None where a variant is missing) and what compiling buys per precision."""
-    ok = {r["variant"]: r for r in rows if "decode_tokens_per_s" in r}
+    ok = {r["variant"]: r for r in rows if r.get("decode_tokens_per_s")}
 
     def best(precision):
         cands = [r for r in ok.values() if r["precision"] == precision and r["variant"] != "hf-generate"]
@@ -249,6 +252,8 @@ def summarize(rows: list[dict]) -> dict:
     bf16, int4, fp8 = best("bf16"), best("int4"), best("fp8")
     out = {"kind": "summary", "bars": BARS}
     out["bf16_pct_of_bandwidth"] = round(bf16["pct_of_bandwidth"], 1) if bf16 else None
+    if bf16 and bf16.get("pct_of_measured_copy_bw") is not None:
+        out["bf16_pct_of_measured_copy_bw"] = round(bf16["pct_of_measured_copy_bw"], 1)
     out["int4_over_bf16"] = round(int4["decode_tokens_per_s"] / bf16["decode_tokens_per_s"], 3) if bf16 and int4 else None
     out["fp8_over_bf16"] = round(fp8["decode_tokens_per_s"] / bf16["decode_tokens_per_s"], 3) if bf16 and fp8 else None
     peaks = {v: r["peak_vs_fit"] for v, r in ok.items() if "peak_vs_fit" in r}
@@ -282,8 +287,8 @@ def print_table(rows: list[dict], summary: dict, target) -> None:
     print(f"\n{'variant':14} {'decode tok/s':>12} {'synced':>8} {'% bw':>6} {'prefill tok/s':>13} {'TTFT ms':>8} "
           f"{'setup s':>8} {'peak GiB':>9} {'/fit':>6}")
     for r in rows:
-        if "decode_tokens_per_s" not in r:
-            print(f"{r['variant']:14} {r.get('skipped') or r.get('error')}")
+        if not r.get("decode_tokens_per_s"):
+            print(f"{r['variant']:14} {r.get('skipped') or r.get('error') or 'too few tokens to time decoding'}")
             continue
         peak = r.get("peak_gpu_bytes")
         print(f"{r['variant']:14} {r['decode_tokens_per_s']:12.1f} {r.get('decode_tokens_per_s_synced', float('nan')):8.1f} "
@@ -316,7 +321,7 @@ def previous_rows(path) -> dict:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a timeout
-        if row.get("kind") == "variant" and "decode_tokens_per_s" in row:
+        if row.get("kind") == "variant" and row.get("decode_tokens_per_s"):
             out[row["variant"]] = {k: v for k, v in row.items() if k != "kind"}
     return out
 
