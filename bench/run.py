@@ -169,7 +169,7 @@ def roofline(art, target, precision: str | None, prompt_len: int, gen_len: int, 
         from edgepack.targets.fit import fit
 
         group = {"group_size": group_size(art)} if group_size(art) else {}
-        r = fit(cfg, target, precision, context=mean_ctx, batch=batch, check_support=False, **group)
+        r = fit(cfg, target, precision, context=mean_ctx, batch=batch, check_support=False, runtime=runtime, **group)
         out["bytes_per_token"] = r.bytes_per_token
         out["bytes_per_token_source"] = f"targets.fit: model config at {precision}, KV at mean context {mean_ctx}"
         peak = fit(cfg, target, precision, context=prompt_len + gen_len, batch=batch, check_support=False,

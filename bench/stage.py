@@ -43,6 +43,13 @@ def hardware_present(target) -> tuple[bool, str]:
         return False, f"target '{target.name}' is a {target.device_type}; this machine's {cuda['name']} is not"
     if target.sm is not None and cuda["sm"] != target.sm:
         return False, f"target '{target.name}' is sm_{target.sm}; this machine's {cuda['name']} is sm_{cuda['sm']}"
+    from edgepack.targets.profile import profile_for_device
+
+    own = profile_for_device(cuda["name"])
+    if own is not None and own.name != target.name:  # e.g. an H200 measuring an h100-sxm branch
+        return True, (f"this machine's {cuda['name']} (sm_{cuda['sm']}) runs the target's kernels; it is profile "
+                      f"'{own.name}' ({own.bandwidth_bytes_per_s / 1e9:.0f} GB/s), not '{target.name}' "
+                      f"({target.bandwidth_bytes_per_s / 1e9:.0f} GB/s)")
     return True, f"this machine's {cuda['name']} (sm_{cuda['sm']}) matches the target"
 
 

@@ -74,7 +74,7 @@ def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
 
 def _pack(codes_by_group: list[torch.Tensor], scales, zeros, k: int, group_size: int, bits: int) -> QuantizedWeight:
     n = scales[0].shape[0]
-    codes = torch.empty(n, len(codes_by_group) * group_size, dtype=torch.uint8)
+    codes = torch.empty(n, len(codes_by_group) * group_size, dtype=torch.uint8, device=scales[0].device)
     for g, c in enumerate(codes_by_group):
         block = torch.round(zeros[g]).clamp(0, 2**bits - 1)[:, None].expand(n, group_size).clone()
         block[:, : c.shape[1]] = c

@@ -11,9 +11,10 @@ Layout of a `torch-quant` artifact:
     quantization.json   method, bits, group size, the layers and what was deliberately kept in fp32
 
 Loading (`load_quantized`) dequantizes to fp32 on CPU: numerically what a weight-only kernel computes, so
-perplexity measured this way is the quality of the stored weights. On CUDA, `apply_kernels` swaps in the fast
-kernels: torchao int8 / int4 (tinygemm) / float8 weight-only, bitsandbytes NF4. torchao's int8 weight-only kernel
-also runs on CPU; int4 and fp8 kernels are CUDA-only and say so instead of failing deep inside a library.
+perplexity measured this way is the quality of the stored weights. `apply_kernels` swaps in the low-bit kernels of
+stock torch built from the stored codes themselves (compress/quant_kernels.py: int4 tinygemm, int8, fp8 W8A8 on
+CUDA; int8 also on CPU) and bitsandbytes NF4. int4 and fp8 kernels are CUDA-only and say so instead of failing
+deep inside a library. The compiled torch-cuda artifact (deploy/cuda_weights.py) carries these same codes.
 """
 
 from __future__ import annotations
@@ -149,8 +150,7 @@ def load_quantized(path: Path, device: str = "cpu", kernels: bool = False):
     config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     st = load_file(str(path / WEIGHTS_FILE))
-    state = {k: v for k, v in st.items() if not any(k.startswith(n + ".") and k[len(n) + 1:] in _PAYLOAD
-                                                       for n in meta["layers"])}
+    state = {k: v for k, v in st.items() if not stored_payload_key(k, meta["layers"])}
     for name, rec in meta["layers"].items():
         state[f"{name}.weight"] = dequantized_weight(name, rec, st)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -163,27 +163,30 @@ def load_quantized(path: Path, device: str = "cpu", kernels: bool = False):
     model.to(device).eval()
     torch.set_grad_enabled(False)
     if kernels:
-        apply_kernels(model, meta, device)
+        apply_kernels(model, meta, device, st)
     return model, meta
 
 
 _PAYLOAD = {"qweight", "scales", "zeros", "nf4", "absmax", "fp8", "scale"}
 
 
-def apply_kernels(model, meta: dict, device: str) -> str:
-    """Swap the dequantized linears for a real low-bit kernel on `device`; returns the kernel's name.
+def stored_payload_key(key: str, layers) -> bool:
+    """True for a tensor of a quantized linear's stored payload (NAME.qweight, NAME.scales, ...)."""
+    name, _, suffix = key.rpartition(".")
+    return suffix in _PAYLOAD and name in layers
 
-    The kernels re-quantize the (already quantized) weights with their own quantizer; for int8 per-channel
-    symmetric and for NF4 this reproduces the stored grid, for int4 tinygemm it is the same group size with
-    torchao's own scale/zero choice."""
+
+def apply_kernels(model, meta: dict, device: str, st: dict) -> str:
+    """Swap the dequantized linears for a real low-bit kernel on `device`, built from the stored tensors `st` (the
+    very codes that were measured; nothing is re-quantized); returns the kernel's name."""
     method = meta["method"]
     names = set(meta["layers"])
     on_cuda = str(device).startswith("cuda")
     if method in ("fp8",) or method.startswith("int4"):
         if not on_cuda:
             raise UnsupportedOnTarget(
-                f"the {method} kernel (torchao {'float8' if method == 'fp8' else 'int4 tinygemm'}) runs only on a "
-                "CUDA GPU" + (" with FP8 tensor cores (sm_89+)" if method == "fp8" else ""),
+                f"the {method} kernel ({'fp8 torch._scaled_mm' if method == 'fp8' else 'int4 tinygemm'}) runs only on "
+                "a CUDA GPU" + (" with FP8 tensor cores (sm_89+)" if method == "fp8" else ""),
                 "on CPU load without kernels (dequantized fp32 weights: same quality, no speed-up), or use "
                 "--format onnx for a fast CPU INT4 path (MatMulNBits)")
     if method == "fp8":
@@ -195,23 +198,17 @@ def apply_kernels(model, meta: dict, device: str) -> str:
                                       "quantize with int8 or int4-gptq for this GPU")
     if method == "nf4":
         return _nf4_kernels(model, names, device)
-    torchao_q = require("torchao.quantization", "torchao", f"{method} kernels")
-    cfg = {"int8": lambda: torchao_q.Int8WeightOnlyConfig(),
-           "fp8": lambda: torchao_q.Float8WeightOnlyConfig()}.get(method)
-    if cfg is None:  # int4-*: tinygemm (torch's own _weight_int4pack_mm, no extra CUDA package) on bf16 weights
-        import torch
+    from edgepack.compress.quant_kernels import KERNEL_NAMES, kernel_module, lowbit_from_stored, set_module
 
-        odd = [n for n, r in meta["layers"].items() if r["in_features"] % meta["group_size"]]
-        if odd:
-            raise UnsupportedOnTarget(
-                f"torchao's int4 kernel needs input widths divisible by the group size {meta['group_size']}; "
-                f"{odd[0]} is {meta['layers'][odd[0]]['in_features']} wide",
-                "use --format onnx (MatMulNBits handles a short last block), or load without kernels")
-        model.to(torch.bfloat16)
-        cfg = lambda: torchao_q.Int4WeightOnlyConfig(group_size=meta["group_size"],  # noqa: E731
-                                                      int4_packing_format="tile_packed_to_4d")
-    torchao_q.quantize_(model, cfg(), filter_fn=lambda m, fqn: fqn in names)
-    return f"torchao {method} weight-only"
+    kind = None
+    for name, rec in meta["layers"].items():
+        tensors, layer = lowbit_from_stored(name, rec, st)
+        old = model.get_submodule(name)
+        if getattr(old, "bias", None) is not None:
+            tensors[f"{name}.bias"] = old.bias.detach()
+        set_module(model, name, kernel_module(name, layer, tensors, device))
+        kind = layer["kind"]
+    return KERNEL_NAMES.get(kind, method)
 
 
 def _nf4_kernels(model, names: set, device: str) -> str:

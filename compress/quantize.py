@@ -113,7 +113,7 @@ def resolve_method(cfg: QuantizeConfig, target) -> tuple[QuantizeConfig, str]:
     if cfg.method != AUTO:
         return cfg, ""
     skipped = []
-    # On CUDA targets the quantized weights run through the torch path (torchao kernels): the ONNX MatMulNBits
+    # On CUDA targets the quantized weights run through the torch path (torch-cuda kernels): the ONNX MatMulNBits
     # operator is onnxruntime's, and TensorRT builds float engines from ONNX
     fmt0 = cfg.format or ("torch" if target is not None and target.has_cuda else None)
     for m in AUTO_ORDER:

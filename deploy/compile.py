@@ -59,7 +59,9 @@ class CompileConfig:
     threads: int | None = None  # onnxruntime intra-op threads recorded for the runtime; None = physical cores
     max_context: int = 0  # GPU runtimes: static KV cache / engine profile length, tokens; 0 = model's, at most 4096
     max_batch: int = 1  # GPU runtimes: largest batch the static cache / TensorRT profiles allow
-    torch_compile: bool = True  # torch-cuda: torch.compile the decode step (cached under ~/.cache/edgepack)
+    # torch-cuda: torch.compile the decode step (cached under ~/.cache/edgepack); off until measured to pay for its
+    # compile time on the GPU (scripts/gpu_decode.py; deploy/torch_cuda.py COMPILE_PAYS)
+    torch_compile: bool = False
 
     def validate(self) -> list[str]:
         errs = []

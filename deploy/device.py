@@ -15,8 +15,6 @@ from pathlib import Path
 from edgepack.errors import MissingDependency, UnsupportedOnTarget
 from edgepack.formats import RUNTIMES
 
-TORCHAO_PRECISIONS = ("int8", "int4", "fp8")
-
 
 def prepare_bundle(bundle: Path) -> dict:
     """Make this machine ready to run `bundle` (a bundle directory: a release on the device). Returns a report."""
@@ -27,8 +25,6 @@ def prepare_bundle(bundle: Path) -> dict:
     runtime, target = m.get("runtime"), m.get("target") or {}
     steps = []
     needs = list(RUNTIMES[runtime].modules if runtime in RUNTIMES else ())
-    if runtime == "torch-cuda" and m.get("precision") in TORCHAO_PRECISIONS:
-        needs.append(("torchao", "torchao"))
     if runtime == "tensorrt":  # the build checks tensorrt (naming the install and the trtexec line) and the SM
         return {"bundle": str(bundle), "bundle_id": m["bundle_id"], "runtime": runtime,
                 "steps": [build_bundle_engine(bundle)]}

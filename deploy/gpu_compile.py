@@ -4,8 +4,10 @@
                the exported ONNX (fp16 where the target runs it) plus trt_build.json, and the engine is built on
                the device (`edgepack device prepare`); else `tensorrt` when the tensorrt module imports and this
                machine has a CUDA GPU of the target's SM (engines are tied to both), else `torch-cuda`.
-    precision  torch-cuda: bf16 where the target runs it, else fp16; int8 / int4 / fp8 are weight-only and applied at
-               load on the GPU (torchao, compress/quant_torch.apply_kernels); the stored weights stay 16-bit.
+    precision  torch-cuda: bf16 where the target runs it, else fp16; int8 / int4 / fp8 are low-bit weights on disk
+               (format `torch-cuda`, deploy/cuda_weights.py: the measured codes, packed for stock torch's kernels:
+               int4 tinygemm, int8 weight-only, fp8 W8A8 on sm_89+), checked here as far as a CPU can and loaded
+               on the GPU without a 16-bit copy; their quality is measured here on the kernels' exact weights.
                tensorrt: fp16 (default), bf16 or fp32 (Q/DQ int8 / int4 graphs are not made by this build).
                Every choice is checked against the target's list before any weights load.
 
@@ -79,15 +81,16 @@ QUANT_PRECISION = {"int8": "int8", "fp8": "fp8"}
 
 
 def torch_quant_precision(src: Artifact, asked: str | None, target) -> str:
-    """The precision a torch-quant source compiles to for a CUDA target: its own. The stored (calibrated) codes are
-    dequantized onto their grid and written 16-bit; the torchao kernel re-quantizes them at load with the same group
-    size, which lands on the same grid. Checked before any weights load."""
+    """The precision a torch-quant source compiles to for a CUDA target: its own. Its stored (calibrated) codes go
+    into the kernels' layout unchanged (deploy/cuda_weights.py). Checked before any weights load."""
+    from edgepack.compress.quant_kernels import TINYGEMM_GROUPS
     from edgepack.compress.quant_torch import read_quant_meta
 
     if not target.has_cuda:
         raise ConfigError(f"a torch-quant artifact compiles for CUDA targets, not '{target.name}'",
                           "for a CPU target compile the Hugging Face checkpoint (int4 goes to ONNX MatMulNBits)")
-    method = read_quant_meta(src.path)["method"]
+    meta = read_quant_meta(src.path)
+    method = meta["method"]
     precision = "int4" if method.startswith("int4") else QUANT_PRECISION.get(method)
     if precision is None:
         raise UnsupportedOnTarget(f"torch-cuda has no kernel for '{method}' weights",
@@ -95,15 +98,19 @@ def torch_quant_precision(src: Artifact, asked: str | None, target) -> str:
     if asked not in (None, precision):
         raise ConfigError(f"the source is already quantized with {method}; compile cannot make it {asked}",
                           "compile the Hugging Face checkpoint for another precision")
+    if precision == "int4" and meta.get("group_size") not in TINYGEMM_GROUPS:
+        raise UnsupportedOnTarget(f"the int4 GPU kernel (tinygemm) takes groups of "
+                                  f"{', '.join(map(str, TINYGEMM_GROUPS))}; '{src.path.name}' has groups of "
+                                  f"{meta.get('group_size')}", "quantize again with --group-size 32 (or 64 / 128 / 256)")
     return precision
 
 
 def storage_dtype(precision: str, target) -> str:
-    """torch dtype name the weights are written in: 16-bit for everything but fp32 (weight-only int8 / int4 / fp8
-    quantize at load from these; torchao's int4 kernel needs bf16)."""
+    """torch dtype name of the 16-bit tensors: the precision itself for fp32 / fp16 / bf16; for the low-bit ones
+    (embeddings, norms, lm_head beside the packed linears) bf16, what tinygemm's activations must be."""
     if precision in ("fp32", "fp16", "bf16"):
         return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
-    return "bfloat16" if target.supports(precision="bf16") or precision == "int4" else "float16"
+    return "bfloat16"
 
 
 def resolve_context(cfg, model_cfg: dict) -> int:
@@ -144,7 +151,7 @@ def _record(src, cfg, path, target, metrics: dict, t0: float) -> dict:
 def _torch_cuda(src, cfg, path, target, out, force, t0) -> Artifact:
     import torch
 
-    from edgepack.deploy.torch_cuda import INT4_GROUP, RUNTIME_FILE
+    from edgepack.deploy.cuda_weights import LOWBIT, RUNTIME_FILE, TORCH_CUDA_FORMAT, compile_lowbit
     from edgepack.hf import copy_tokenizer, load_model
 
     if src.format not in ("hf", "torch-quant"):
@@ -152,31 +159,31 @@ def _torch_cuda(src, cfg, path, target, out, force, t0) -> Artifact:
                           f"'{src.format}'", "pass the model directory")
     mc = read_model_config(src.path)
     context = resolve_context(cfg, mc)
-    dtype = storage_dtype(path["precision"], target)
-    group, source = INT4_GROUP, None
-    if src.format == "torch-quant":
-        from edgepack.compress.quant_torch import load_quantized
-
-        model, meta = load_quantized(src.path, "cpu")  # weights dequantized onto the stored (calibrated) grid
-        model.to(getattr(torch, dtype))
-        group, source = meta.get("group_size") or INT4_GROUP, f"{meta['method']} codes from {src.path.name}"
-    else:
-        model = load_model(src, device="cpu", dtype=getattr(torch, dtype))
-    settings = {"precision": path["precision"], "dtype": dtype, "max_context": context, "max_batch": cfg.max_batch,
-                "torch_compile": cfg.torch_compile, "cuda_graph": True,
-                "int4_group_size": group if path["precision"] == "int4" else None, "quantized_from": source}
-    with ArtifactWriter(out, force=force) as w:
-        model.save_pretrained(w.path, safe_serialization=True)
-        copy_tokenizer(src.path, w.path)
+    precision = path["precision"]
+    dtype = storage_dtype(precision, target)
+    settings = {"precision": precision, "dtype": dtype, "max_context": context, "max_batch": cfg.max_batch,
+                "torch_compile": cfg.torch_compile, "cuda_graph": True}
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as work, \
+            ArtifactWriter(out, force=force) as w:
+        parent, fmt = src, "hf"
+        if precision in LOWBIT:
+            parent, more, metrics = compile_lowbit(src, cfg, precision, target, w.path, Path(work))
+            settings.update(more)
+            fmt = TORCH_CUDA_FORMAT
+        else:
+            model = load_model(src, device="cpu", dtype=getattr(torch, dtype))
+            model.save_pretrained(w.path, safe_serialization=True)
+            copy_tokenizer(src.path, w.path)
+            metrics = {"bytes": sum(p.stat().st_size for p in w.path.glob("*.safetensors")),
+                       "params": sum(p.numel() for p in model.parameters())}
+            del model
         (w.path / RUNTIME_FILE).write_text(json.dumps(settings, indent=1) + "\n")
-        extra = {"runtime": "torch-cuda", "device": "cuda", "target": target.name, "target_sm": target.sm, **settings}
-        metrics = {"bytes": sum(p.stat().st_size for p in w.path.glob("*.safetensors")),
-                   "params": sum(p.numel() for p in model.parameters())}
-        del model
+        extra = {"runtime": "torch-cuda", "device": "cuda", "target": target.name, "target_sm": target.sm,
+                 **{k: v for k, v in settings.items() if k != "layers"}}
         if local_cuda_sm() == target.sm and cfg.measure_tokens:
             metrics.update(measure_torch_cuda(w.path, extra, cfg.measure_tokens))
         rec = _record(src, cfg, path, target, metrics, t0)
-        return w.commit(format="hf", record=rec, parent=src, base_model=src.base_model, extra=extra)
+        return w.commit(format=fmt, record=rec, parent=parent, base_model=src.base_model, extra=extra)
 
 
 def measure_torch_cuda(art_dir: Path, extra: dict, tokens: int) -> dict:

@@ -1,44 +1,62 @@
 """Runtime `torch-cuda`: transformers' StaticCache preallocated to the full context, an eager prefill, and the
-one-token decode step captured in a single CUDA graph (optionally torch.compile'd first), with sampling on the GPU.
+one-token decode step captured in CUDA graphs (optionally torch.compile'd first), with sampling on the GPU.
 
-Why: eager `generate` launches hundreds of small kernels per token and re-allocates its cache; on an H100 with a
-1B Llama that is ~1% of the HBM roofline. With every address fixed (static cache, static id / position buffers)
-the whole step replays as one graph launch, and torch.compile fuses the small ops inside it (issue 10 measured
-13 -> 363 -> 567 tokens/s for eager -> graph -> compile + graph).
+Why: eager `generate` launches hundreds of small kernels per token and re-allocates its cache. With every address
+fixed (static cache, static id / position buffers) the whole step replays as one graph launch.
 
-The attention mask is computed inside the step from the position buffer (an additive [B, 1, 1, L] mask: 0 for
-positions <= the current one, dtype-min beyond), so no host value enters the graph and nothing synchronizes
-during capture. The cache tracks its own fill level on the device. The same code runs on CPU without graph
-capture (`use_cuda_graph=False`), which is how the static-cache logic is tested on machines without a GPU.
+Attention reads the filled part of the cache, not all of it: the step attends over the first L slots, L the
+smallest bucket (MIN_BUCKET, doubling, up to max_context) holding the tokens so far, through the sliced attention
+of deploy/cuda_attention.py; one graph per bucket, captured the first time decoding reaches it (the warm-up runs
+redo the very step about to run and rewind the cache's fill counter, so capture changes nothing). The additive
+mask [B, 1, 1, L] is computed inside the step from the position buffer, so no host value enters a graph. The cache
+tracks its own fill level on the device. The same code runs on CPU without graphs (`use_cuda_graph=False`), which
+is how the static-cache logic is tested on machines without a GPU.
 
-Weight-only int8 / int4 / fp8 (sm_89+) are applied at load through compress/quant_torch.apply_kernels (torchao):
-every linear in the blocks, the lm_head kept 16-bit (as fit assumes).
+Low-bit artifacts (int8 / int4 / fp8: deploy/cuda_weights.py) load as stock-torch kernel modules
+(compress/quant_kernels.py): every linear in the blocks, the lm_head kept 16-bit (as fit assumes). torch.compile is
+off unless asked for (compile stage --torch-compile): it is applied only where it pays for its compile time, and
+that is measured on the GPU by scripts/gpu_decode.py (COMPILE_PAYS below records what was measured). When on, it
+runs with inductor's coordinate-descent tuning, which turns the M=1 matmuls into fused Triton reductions (the
+int8 / fp8 weight-only dequantize fuses into the GEMV: gpt-fast's recipe).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from edgepack.deploy.cuda_weights import RUNTIME_FILE, read_settings  # noqa: F401 (RUNTIME_FILE: re-exported)
 from edgepack.deploy.runtime import process_rss_bytes
 from edgepack.errors import ConfigError, UnsupportedOnTarget
 
-RUNTIME_FILE = "torch_cuda.json"  # torch-cuda runtime settings, next to the weights (written by deploy/gpu_compile.py)
-INT4_GROUP = 128  # torchao int4 tinygemm group size (input channels per scale)
 WARMUP_STEPS = 3  # eager runs on a side stream before capture: cuBLAS handles, autotuning, torch.compile itself
-QUANT_METHODS = {"int8": "int8", "int4": "int4-rtn", "fp8": "fp8"}  # precision -> quant_torch method name
+MIN_BUCKET = 512  # shortest attended length: 512 slots of a 1B Llama's KV are 16 MiB a token, <1% of its weights
+# precision -> does torch.compile pay for its compile time (decode speed-up against the extra seconds), as measured
+# by scripts/gpu_decode.py on a GPU. Empty: not measured yet, so nothing compiles unless asked for.
+COMPILE_PAYS: dict[str, bool] = {}
+
+
+def bucket_lengths(max_context: int, min_bucket: int = MIN_BUCKET) -> tuple[int, ...]:
+    """Attended lengths: min_bucket, doubling, capped by (and ending at) max_context."""
+    out, b = [], max(1, int(min_bucket))
+    while b < max_context:
+        out.append(b)
+        b *= 2
+    return (*out, int(max_context))
 
 
 class TorchCudaRuntime:
     name = "torch-cuda"
 
     def __init__(self, model, *, max_context: int, max_batch: int = 1, use_cuda_graph: bool | None = None,
-                 torch_compile: bool = False, precision: str | None = None, kernel: str | None = None):
+                 torch_compile: bool = False, precision: str | None = None, kernel: str | None = None,
+                 min_bucket: int = MIN_BUCKET):
         import torch
+
+        from edgepack.deploy.cuda_attention import cache_keyword, use_sliced_attention
 
         self.model = model
         self.device = next(model.parameters()).device
@@ -50,19 +68,27 @@ class TorchCudaRuntime:
         if self.use_cuda_graph and self.device.type != "cuda":
             raise ConfigError("CUDA graphs need a CUDA device", "pass use_cuda_graph=False on CPU")
         self.torch_compile, self.precision, self.kernel = torch_compile, precision, kernel
+        self.attention = use_sliced_attention(model)
+        self._cache_kw = cache_keyword(model)
+        self.buckets = bucket_lengths(self.max_context, min_bucket)
         self._arange = torch.arange(self.max_context, device=self.device)
         self._zero = torch.zeros((), dtype=self.dtype, device=self.device)
         self._neg = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
-        self._batch, self._pos, self._graph, self.cache = 0, 0, None, None
+        self._batch, self._pos, self._graphs, self.cache, self._pool = 0, 0, {}, None, None
         self._step_fn = self._step
         if torch_compile:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "edgepack" / "inductor"))
+            import torch._dynamo
+
+            for knob in ("recompile_limit", "cache_size_limit"):  # one specialization per bucket
+                if hasattr(torch._dynamo.config, knob):
+                    setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), len(self.buckets) + 2))
             self._step_fn = torch.compile(self._step, mode="default", dynamic=False)
-        self.capture_seconds = None
+        self.capture_seconds: dict[int, float] = {}  # bucket -> seconds to warm up (compile) and capture its graph
 
     # ------------------------------------------------------------------------------------------ static state
     def _ensure(self, batch: int) -> None:
-        """Allocate the cache and the step's static buffers for `batch` rows (and capture the graph) once."""
+        """Allocate the cache and the step's static buffers for `batch` rows once."""
         import torch
 
         if batch == self._batch:
@@ -85,38 +111,64 @@ class TorchCudaRuntime:
                                         self.device)
         self._ids = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         self._posbuf = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
-        self._batch, self._graph = batch, None
-        if self.use_cuda_graph:
-            self._capture()
-        elif self.torch_compile:
-            self._out = self._step_fn(self._ids, self._posbuf)  # compile now, not inside the first timed step
+        self._logits = torch.zeros((batch, cfg.vocab_size), dtype=torch.float32, device=self.device)
+        self._batch, self._graphs = batch, {}
         self.cache.reset()
 
-    def _step(self, ids, pos):
-        """One token per row at position pos (all rows at the same position): logits [B, V] float32."""
+    def bucket(self, length: int) -> int:
+        """The attended length for `length` filled positions."""
+        for b in self.buckets:
+            if b >= length:
+                return b
+        raise ConfigError(f"{length} tokens exceed the static cache ({self.max_context})",
+                          "compile with a larger --max-context")
+
+    def _step(self, ids, pos, length: int):
+        """One token per row at position pos (all rows at the same position), attending over `length` slots:
+        logits [B, V] float32."""
         import torch
 
-        mask = torch.where(self._arange.view(1, 1, 1, -1) <= pos.view(-1, 1, 1, 1), self._zero, self._neg)
-        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=self.cache,
-                         use_cache=True)
+        mask = torch.where(self._arange[:length].view(1, 1, 1, -1) <= pos.view(-1, 1, 1, 1), self._zero, self._neg)
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
+                         **{self._cache_kw: self.cache})
         return out.logits[:, -1].float()
 
-    def _capture(self) -> None:
+    def _rewind(self, n: int) -> None:
+        """Undo n tokens of the cache's device-side fill counter (the K/V written stay; they are rewritten)."""
+        for layer in self.cache.layers:
+            layer.cumulative_length.sub_(n)
+
+    def _compile_context(self):
+        import contextlib
+
+        if not self.torch_compile:
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(coordinate_descent_tuning=True)
+
+    def _capture(self, length: int):
+        """Warm up (and compile) the step for this bucket at the current position, then capture it. The warm-ups
+        run the real next step and rewind the fill counter each time, so the cache ends as it was."""
         import torch
 
         t0 = time.perf_counter()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.inference_mode():
+        with torch.cuda.stream(side), self._compile_context():
             for _ in range(WARMUP_STEPS):
-                self._out = self._step_fn(self._ids, self._posbuf)
-                self.cache.reset()  # warm-ups write the cache; keep the fill level at 0
+                self._step_fn(self._ids, self._posbuf, length)
+                self._rewind(1)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph), torch.inference_mode():
-            self._out = self._step_fn(self._ids, self._posbuf)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one pool: buckets never replay at the same time
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._logits.copy_(self._step_fn(self._ids, self._posbuf, length))
         torch.cuda.synchronize(self.device)
-        self.capture_seconds = time.perf_counter() - t0
+        self._graphs[length] = graph
+        self.capture_seconds[length] = round(time.perf_counter() - t0, 3)
+        return graph
 
     # ------------------------------------------------------------------------------------------ Runtime API
     def reset(self) -> None:
@@ -137,31 +189,37 @@ class TorchCudaRuntime:
                               "compile with a larger --max-context or shorten the prompt")
         self._ensure(b)
         self.reset()
+        length = self.bucket(t)
         with torch.inference_mode():
             pos = torch.arange(t, device=self.device)
-            mask = torch.where(self._arange.view(1, -1) <= pos.view(-1, 1), self._zero, self._neg)
+            mask = torch.where(self._arange[:length].view(1, -1) <= pos.view(-1, 1), self._zero, self._neg)
             out = self.model(input_ids=ids.to(self.device), position_ids=pos.expand(b, t),
-                             attention_mask=mask.expand(b, 1, t, self.max_context), past_key_values=self.cache,
-                             use_cache=True, logits_to_keep=1)
+                             attention_mask=mask.expand(b, 1, t, length), use_cache=True, logits_to_keep=1,
+                             **{self._cache_kw: self.cache})
         self._pos = t
         return out.logits[:, -1].float()
 
     def decode_step_device(self, ids):
-        """ids [B] int64 tensor (on the device) -> logits [B, V] float32 tensor; no host synchronization."""
+        """ids [B] int64 tensor (on the device) -> logits [B, V] float32 tensor; no host synchronization (except
+        the first time decoding reaches a bucket, which captures its graph)."""
         import torch
 
         if self._pos >= self.max_context:
             raise ConfigError(f"the static cache is full ({self.max_context} tokens)",
                               "compile with a larger --max-context or generate fewer tokens")
+        length = self.bucket(self._pos + 1)
         with torch.inference_mode():
             self._ids.copy_(ids.view(-1, 1), non_blocking=True)
             self._posbuf.fill_(self._pos)
-            if self._graph is not None:
-                self._graph.replay()
+            if self.use_cuda_graph:
+                graph = self._graphs.get(length) or self._capture(length)
+                graph.replay()
+                out = self._logits
             else:
-                self._out = self._step_fn(self._ids, self._posbuf)
+                with self._compile_context():
+                    out = self._step_fn(self._ids, self._posbuf, length)
         self._pos += 1
-        return self._out
+        return out
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         import torch
@@ -248,50 +306,35 @@ class TorchCudaRuntime:
                 "torch": torch.__version__, "precision": self.precision, "kernel": self.kernel,
                 "dtype": str(self.dtype).removeprefix("torch."), "max_context": self.max_context,
                 "cuda_graph": self.use_cuda_graph, "torch_compile": self.torch_compile,
-                "capture_seconds": self.capture_seconds}
-
-
-def quantize_for_cuda(model, precision: str, device: str, group_size: int | None = None) -> str | None:
-    """Weight-only int8 / int4 / fp8 on every block linear (not lm_head) through the torch quant path."""
-    import torch
-
-    from edgepack.compress.quant_torch import apply_kernels
-
-    if precision not in QUANT_METHODS:
-        return None
-    layers = {n: {"in_features": m.in_features} for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
-
-    return apply_kernels(model, {"method": QUANT_METHODS[precision], "group_size": group_size or INT4_GROUP,
-                                 "layers": layers},
-                         device)
-
-
-def read_settings(path: Path, extra: dict) -> dict:
-
-    p = Path(path) / RUNTIME_FILE
-    settings = json.loads(p.read_text()) if p.is_file() else {}
-    return {**{k: extra[k] for k in ("precision", "dtype", "max_context", "max_batch", "torch_compile") if k in extra},
-            **settings}
+                "attention": self.attention, "cache_keyword": self._cache_kw, "buckets": list(self.buckets),
+                "capture_seconds": dict(self.capture_seconds)}
 
 
 def open_torch_cuda_dir(path: Path, extra: dict, device: str = "cuda", use_cuda_graph: bool | None = None,
-                        torch_compile: bool | None = None, precision: str | None = None,
-                        max_context: int | None = None):
+                        torch_compile: bool | None = None, max_context: int | None = None,
+                        min_bucket: int = MIN_BUCKET):
+    """The runtime over a compiled torch-cuda artifact: a 16-bit checkpoint, or low-bit weights (settings "layers")
+    loaded as kernel modules without a float copy (deploy/cuda_weights.py)."""
     import torch
 
-    from edgepack.hf import load_model
+    from edgepack.compress.quant_kernels import KERNEL_NAMES
 
     s = read_settings(path, extra)
-    precision = precision or s.get("precision") or "bf16"
-    dtype = getattr(torch, s.get("dtype") or ("float32" if device == "cpu" else "bfloat16"))
-    model = load_model(Path(path), device=device, dtype=dtype)
-    kernel = quantize_for_cuda(model, precision, device, s.get("int4_group_size"))
+    precision = s.get("precision") or "bf16"
+    if s.get("layers"):
+        from edgepack.deploy.cuda_weights import build_model
+
+        model, kernel = build_model(Path(path), s["layers"], device), KERNEL_NAMES.get(precision)
+    else:
+        from edgepack.hf import load_model
+
+        dtype = getattr(torch, s.get("dtype") or ("float32" if device == "cpu" else "bfloat16"))
+        model, kernel = load_model(Path(path), device=device, dtype=dtype), None
     ctx = max_context or s.get("max_context") or min(model.config.max_position_embeddings or 4096, 4096)
     compile_step = bool(s.get("torch_compile", False)) if torch_compile is None else torch_compile
     return TorchCudaRuntime(model, max_context=ctx, max_batch=int(s.get("max_batch") or 1),
                             use_cuda_graph=use_cuda_graph, torch_compile=compile_step and device != "cpu",
-                            precision=precision, kernel=kernel)
+                            precision=precision, kernel=kernel, min_bucket=min_bucket)
 
 
 def open_torch_cuda_runtime(art, threads: int | None = None, device: str = "cuda", **opts):

@@ -24,8 +24,9 @@ FORMATS: dict[str, Format] = {
     "hf": Format("torch-cpu", "edgepack.quality:open_hf_scorer", (".safetensors", ".bin", ".pt")),
     "onnx": Format("onnxruntime", "edgepack.deploy.ort_runtime:open_onnx_scorer",
                    (".onnx", ".onnx.data", ".onnx_data", ".data"), "onnx"),
-    "torch-quant": Format("torch-quant", "edgepack.compress.quant_torch:open_torch_quant_scorer", (".safetensors",),
-                          "torchao"),
+    "torch-quant": Format("torch-quant", "edgepack.compress.quant_torch:open_torch_quant_scorer", (".safetensors",)),
+    # compiled for torch-cuda with low-bit weights (deploy/cuda_weights.py); its scorer emulates the GPU's weights
+    "torch-cuda": Format("torch-cuda", "edgepack.deploy.cuda_weights:open_torch_cuda_scorer", (".safetensors",)),
     "lora-adapter": Format(None, None, (".safetensors",), "tune"),
 }
 # every weight file name ending any format uses, plus compiled engines and GGUF files
@@ -54,7 +55,7 @@ RUNTIMES: dict[str, RuntimeInfo] = {
     "hf": RuntimeInfo("edgepack.deploy.torch_runtime:open_hf_baseline", ("torch-cpu", "torch-cuda"), ("serve",),
                       (("torch", ""),)),
     "torch-quant": RuntimeInfo("edgepack.compress.quant_torch:open_torch_quant_runtime", ("torch-cpu", "torch-cuda"),
-                               ("torchao", "serve"), (("torch", ""), ("torchao", "torchao"))),
+                               ("serve",), (("torch", ""),)),
 }
 # the names a target profile may list, preferred order as written there
 PROFILE_RUNTIMES: tuple[str, ...] = tuple(n for n, r in RUNTIMES.items() if r.profile)

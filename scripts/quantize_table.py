@@ -118,7 +118,7 @@ def speed_table(args, work: Path) -> list[dict]:
                   fmt_bytes(r["bytes"]),
                   f"{r['size_vs_fp32']:.3f}", f"{r['decode_tokens_per_s']:.0f} ({r['decode_spread'][0]:.0f}-"
                   f"{r['decode_spread'][1]:.0f})", f"{r['x_fp32_hf']:.2f}", f"{r['x_fp32_onnx']:.2f}"] for r in out],
-                caption="torch-quant runs dequantized fp32 weights on CPU except int8 (torchao kernel); onnx int4 = "
+                caption="torch-quant runs dequantized fp32 weights on CPU except int8 (torch's int8 kernel); onnx int4 = "
                         "MatMulNBits accuracy_level 4, int8 = 8-bit MatMulNBits")
     return out
 

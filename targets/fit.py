@@ -18,6 +18,10 @@ MIB = 1024**2
 # Bytes per stored weight. Quantized formats add their scales/zero-points per group of `group_size` weights.
 _WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5, "nf4": 0.5}
 _SCALE_BYTES_PER_GROUP = {"int4": 2.5, "nf4": 0.53}  # int4: fp16 scale + 4-bit zero; nf4: fp32 absmax double-quantized to 8 bit (+ 2nd level)
+# Where a runtime stores its scales differently: torch-cuda's int4 (tinygemm) keeps a bf16 scale and a bf16 float
+# zero per group (deploy/cuda_weights.py)
+_RUNTIME_SCALE_BYTES_PER_GROUP = {("torch-cuda", "int4"): 4.0}
+_RUNTIME_SCALE_BYTES_PER_ROW = {("torch-cuda", "int8"): 4.0, ("torch-cuda", "fp8"): 4.0}  # an fp32 scale per channel
 _DEFAULT_GROUP = 128
 
 # Fixed runtime cost, bytes, by device type (measured or typical; see README "fit" section):
@@ -63,6 +67,13 @@ class ModelShape:
         """Parameters in the linear layers of all blocks (all experts)."""
         attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)  # q, o and k, v
         mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        return self.layers * (attn + mlp * max(1, self.experts))
+
+    @property
+    def block_linear_rows(self) -> int:
+        """Output rows (channels) of all block linears: what per-channel scales count."""
+        attn = self.head_dim * (self.heads + 2 * self.kv_heads) + self.hidden
+        mlp = (2 * self.intermediate + self.hidden) if self.gated_mlp else (self.intermediate + self.hidden)
         return self.layers * (attn + mlp * max(1, self.experts))
 
     @property
@@ -122,8 +133,9 @@ def model_shape(cfg: dict) -> ModelShape:
     )
 
 
-def weight_bytes_per_param(precision: str, group_size: int = _DEFAULT_GROUP) -> float:
-    return _WEIGHT_BYTES[precision] + _SCALE_BYTES_PER_GROUP.get(precision, 0.0) / group_size
+def weight_bytes_per_param(precision: str, group_size: int = _DEFAULT_GROUP, runtime: str | None = None) -> float:
+    scale = _RUNTIME_SCALE_BYTES_PER_GROUP.get((runtime, precision), _SCALE_BYTES_PER_GROUP.get(precision, 0.0))
+    return _WEIGHT_BYTES[precision] + scale / group_size
 
 
 def activation_bytes(precision: str, target: Target) -> int:
@@ -168,11 +180,12 @@ def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048,
     s = model_shape(cfg)
     act = activation_bytes(precision, target)
     quantized = precision not in ("fp32", "fp16", "bf16")
-    wb = weight_bytes_per_param(precision, group_size)
+    wb = weight_bytes_per_param(precision, group_size, runtime)
     # Embedding table and lm_head stay at activation precision for weight-only formats (they are gathered / tiny
     # share of compute, and quantizing them costs the most quality).
     other = act if quantized else _WEIGHT_BYTES[precision]
     weights = s.block_linear_params * wb + (s.embedding_params + s.lm_head_params) * other + s.norm_params * act
+    weights += s.block_linear_rows * _RUNTIME_SCALE_BYTES_PER_ROW.get((runtime, precision), 0.0)
     kv = 2 * s.layers * s.kv_heads * s.head_dim * context * batch * act
     ort_cpu = runtime == "onnxruntime" and target.device_type == "cpu"
     # Workspace: prefill activations for one full-length pass (residual, q/k/v/o, gated MLP intermediates), the

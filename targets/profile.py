@@ -38,6 +38,7 @@ class Target:
     sources: dict = field(default_factory=dict, hash=False)
     measured: dict = field(default_factory=dict, hash=False)  # for `local`: what was measured, how
     path: str | None = None
+    device_names: tuple[str, ...] = ()  # CUDA device names (torch.cuda.get_device_name) this profile describes
 
     def supports(self, precision: str | None = None, runtime: str | None = None, feature: str | None = None) -> bool:
         return ((precision is None or precision in self.precisions)
@@ -64,7 +65,7 @@ class Target:
 
 _KEYS = {"name", "description", "device_type", "arch", "sm", "isa", "memory_gib", "usable_memory_gib",
          "bandwidth_gb_s", "unified_memory", "precisions", "runtimes", "engine_build", "features", "power_modes",
-         "peak_tflops", "sources"}
+         "peak_tflops", "sources", "device_names"}
 _REQUIRED = ("name", "device_type", "arch", "memory_gib", "usable_memory_gib", "bandwidth_gb_s", "precisions",
              "runtimes")
 
@@ -107,7 +108,7 @@ def target_from_dict(data: dict, where: str) -> Target:
         precisions=tuple(data["precisions"]), runtimes=tuple(data["runtimes"]),
         engine_build=data.get("engine_build", "host"), features=tuple(data.get("features", ())),
         power_modes=tuple(data.get("power_modes", ())), peak_tflops=dict(data.get("peak_tflops", {})),
-        sources=dict(data.get("sources", {})),
+        sources=dict(data.get("sources", {})), device_names=tuple(data.get("device_names", ())),
     )
 
 
@@ -188,18 +189,45 @@ def local_cuda_sm() -> int | None:
     return cuda["sm"] if cuda else None
 
 
+def profile_for_device(name: str) -> Target | None:
+    """The packaged profile whose `device_names` lists this CUDA device name (exactly, as torch reports it)."""
+    for n in list_targets():
+        if n == "local":
+            continue
+        t = load_target(n)
+        if name in t.device_names:
+            return t
+    return None
+
+
 def local_target() -> Target:
-    """This machine: cores, RAM, measured bandwidth; the CUDA device if any. Jetsons (unified memory) are
-    recognised by /etc/nv_tegra_release."""
+    """This machine: cores, RAM, measured bandwidth; the CUDA device if any. A GPU a packaged profile names (its
+    `device_names`, e.g. 'NVIDIA H200' -> h200) takes that profile's facts (datasheet bandwidth, peak rates, SM,
+    precisions) with what is free now as usable memory; other GPUs get what torch can read off them. Jetsons
+    (unified memory) are recognised by /etc/nv_tegra_release."""
     import psutil
 
     vm = psutil.virtual_memory()
     cuda = cuda_device()
     jetson = Path("/etc/nv_tegra_release").exists()
-    bw = measure_bandwidth()
     arch = machine_arch()
     measured = {"cpu_cores": os.cpu_count(), "ram_bytes": int(vm.total), "ram_available_bytes": int(vm.available),
-                "bandwidth_method": "best of 5 single-threaded numpy copies of 256 MiB", "cuda": cuda}
+                "cuda": cuda}
+    if cuda and not jetson:
+        from dataclasses import replace
+
+        known = profile_for_device(cuda["name"])
+        if known is not None:
+            measured["profile"] = known.name
+            return replace(known, name="local", description=f"this machine: {cuda['name']} (profile {known.name})",
+                           memory_bytes=cuda["memory_bytes"], measured=measured,
+                           usable_memory_bytes=min(known.usable_memory_bytes, cuda["free_bytes"], cuda["memory_bytes"]),
+                           sources={**known.sources, "profile": f"{known.name}: CUDA device '{cuda['name']}'",
+                                    "memory": "measured: CUDA total memory",
+                                    "usable_memory": f"measured: CUDA free memory now, at most {known.name}'s "
+                                                     f"{known.usable_memory_bytes / GIB:.1f} GiB"})
+    bw = measure_bandwidth()
+    measured["bandwidth_method"] = "best of 5 single-threaded numpy copies of 256 MiB"
     if cuda and not jetson:
         sm = cuda["sm"]
         precisions = ["fp32", "fp16", "int8", "int4", "nf4"] + (["bf16"] if sm >= 80 else []) + (["fp8"] if sm >= 89 else [])

@@ -10,7 +10,7 @@ from edgepack.targets.fit import fit, model_shape
 
 REQUIRED = ["a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "jetson-agx-orin-64gb", "jetson-agx-orin-32gb",
             "jetson-orin-nx-16gb", "jetson-orin-nx-8gb", "jetson-orin-nano-8gb", "jetson-orin-nano-4gb",
-            "cpu-x86-64", "cpu-arm64", "local"]
+            "cpu-x86-64", "cpu-arm64", "h200", "local"]
 LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
                  max_position_embeddings=4096)
@@ -122,3 +122,35 @@ def test_fit_counts_the_runtime_it_is_asked_about():
     gpu = load_target("h100-sxm")
     assert fit(LLAMA2_7B, gpu, "fp16", runtime="onnxruntime").required_bytes == fit(LLAMA2_7B, gpu, "fp16").required_bytes
     assert ORT_CPU_FIXED_BYTES < RUNTIME_OVERHEAD_BYTES["cpu"] and ORT_CPU_FIXED_BYTES == 80 * MIB
+
+
+def test_h200_profile_and_local_detection_choose_it(monkeypatch):
+    """The H200 has its own profile (141 GB HBM3e, 4.8 TB/s: not the H100's 3.35), and `local` on a machine whose
+    CUDA device is named 'NVIDIA H200' takes it (the device facts are mocked: no GPU here)."""
+    from edgepack.targets import profile
+
+    h200 = load_target("h200")
+    assert (h200.sm, h200.bandwidth_bytes_per_s, h200.device_names) == (90, 4.8e12, ("NVIDIA H200",))
+    assert 139 * 2**30 == h200.usable_memory_bytes < h200.memory_bytes and h200.supports(precision="fp8")
+    assert "4.3 TB/s" in h200.sources["bandwidth"] and "power" in h200.sources
+    assert h200.peak_tflops == load_target("h100-sxm").peak_tflops  # same GH100 chip and clocks
+    free = 130 * 2**30
+    monkeypatch.setattr(profile, "cuda_device", lambda: {"name": "NVIDIA H200", "sm": 90, "memory_bytes": 143771 * 2**20,
+                                                        "free_bytes": free, "multiprocessors": 132})
+    monkeypatch.setattr(profile, "measure_bandwidth", lambda *a, **k: pytest.fail("a known GPU needs no host copy"))
+    t = load_target("local")
+    assert (t.name, t.measured["profile"], t.sm, t.device_type) == ("local", "h200", 90, "gpu")
+    assert t.bandwidth_bytes_per_s == 4.8e12 and t.usable_memory_bytes == free and t.memory_bytes == 143771 * 2**20
+    assert t.supports(precision="fp8", runtime="torch-cuda") and "NVIDIA H200" in t.description
+    assert fit(LLAMA2_7B, t, "bf16", context=1).decode_tokens_per_s_limit == pytest.approx(
+        fit(LLAMA2_7B, h200, "bf16", context=1).decode_tokens_per_s_limit)
+    monkeypatch.setattr(profile, "cuda_device", lambda: {"name": "NVIDIA H100 80GB HBM3", "sm": 90,
+                                                        "memory_bytes": 80 * 2**30, "free_bytes": 79 * 2**30})
+    assert load_target("local").measured["profile"] == "h100-sxm"
+    # a GPU no profile names keeps what torch reads off it (and the measured host copy, said to be no GPU figure)
+    monkeypatch.setattr(profile, "measure_bandwidth", lambda *a, **k: 20e9)
+    monkeypatch.setattr(profile, "cuda_device", lambda: {"name": "NVIDIA L4", "sm": 89, "memory_bytes": 24 * 2**30,
+                                                        "free_bytes": 23 * 2**30})
+    t = load_target("local")
+    assert "profile" not in t.measured and t.sm == 89 and t.bandwidth_bytes_per_s == 20e9
+    assert "use a packaged profile" in t.sources["bandwidth"]

@@ -64,7 +64,8 @@ def export_onnx_cmd(model, output, target_name, force, trust_pickle, as_json, **
 @config_option(C, "max_context", help="GPU runtimes: static KV cache / TensorRT profile length in tokens (0 = the "
                                       "model's, <= 4096).")
 @config_option(C, "max_batch", help="GPU runtimes: largest batch.")
-@config_option(C, "torch_compile", help="torch-cuda: torch.compile the decode step before capturing it in a CUDA graph.")
+@config_option(C, "torch_compile", help="torch-cuda: torch.compile the decode step before capturing it in CUDA graphs "
+                                       "(off by default: it pays only where scripts/gpu_decode.py measured it to).")
 @force_opt
 @trust_opt
 @json_opt
@@ -91,6 +92,13 @@ def compile_cmd(model, target_name, output, force, trust_pickle, as_json, **sett
     print_table(f"compile for {target.name}: wrote {art.path}", ["runtime", "precision", "made by", "size",
                                                                  "decode tok/s", "seconds"], rows,
                 caption=m.get("note") or m.get("speed_note") or f"run it: edgepack generate {art.path} --prompt 'Once upon a time'")
+    for label, key in (("checked here", "checked_here"), ("only the GPU can check", "gpu_only")):
+        for line in m.get(key) or []:
+            click.echo(f"{label}: {line}")
+    if m.get("ppl_after") is not None:
+        click.echo(f"quality on the GPU kernels' exact weights (CPU emulation): perplexity {m['ppl_after']}"
+                   + (f" ({m['ppl_delta_vs_quantized_pct']:+.3f}% vs the quantize stage's {m['ppl_quantized']})"
+                      if m.get("ppl_quantized") is not None else ""))
 
 
 @click.command("generate")
