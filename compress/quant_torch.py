@@ -240,7 +240,8 @@ def open_torch_quant_scorer(art):
 
 def open_torch_quant_runtime(art, threads: int | None = None, device: str = "cpu", kernels: bool | None = None, **_):
     """RUNTIMES entry: a TorchRuntime over the quantized model. kernels=None uses the fast kernel where one exists
-    for this device (torchao int8 on CPU; every method on CUDA) and the dequantized weights otherwise."""
+    for this device (stock torch int8 kernels on CPU; every method on CUDA: compress/quant_kernels.py) and the
+    dequantized weights otherwise."""
     from edgepack.deploy.torch_runtime import TorchRuntime
 
     meta = read_quant_meta(art.path)
