@@ -47,7 +47,13 @@ def _ppl_text(kind: str, metrics: dict, config: dict) -> str:
         split = proto.get("split") or ("held-out tail" if kind in ("prune", "distill") else "")
         return f"{Path(str(text)).name} ({split})" if split else Path(str(text)).name
     if kind == "tune":
-        return f"{Path(str(config.get('data') or 'data')).name} (validation split)"
+        data = config.get("data") or "data"
+        if isinstance(data, (list, tuple)):  # a weighted mix of sources
+            from edgepack.sources import split_weight
+
+            names = [f"{Path(p).name}:{w:g}" if w is not None else Path(p).name for p, w in map(split_weight, data)]
+            return f"mix of {', '.join(names)} (validation splits)"
+        return f"{Path(str(data)).name} (validation split)"
     return ""
 
 

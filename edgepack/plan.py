@@ -219,7 +219,9 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[S
                 continue
             h = step_hash(digest, step, target if step.spec.per_target else None)
             out = subdir / f"{step.index:02d}-{step.spec.kind}-{h[:12]}"
-            tname = target.name if (target is not None and step.spec.per_target) else None
+            # a step in a target's branch belongs to that target even when its output does not depend on it (an
+            # eval after compile), so run.json and the report attribute it to the branch, not to every target
+            tname = target.name if target is not None else None
             if dry_run:
                 res = StepResult(step.index, step.spec.kind, tname, str(out),
                                  "cached" if (out / MANIFEST_NAME).is_file() else "planned", 0.0,
