@@ -2,7 +2,9 @@
 every stage's manifest (edgepack.json). Nothing is executed and nothing heavy is imported (no torch).
 
 Per target: the bundle (path, size, id, runtime, precision), its fit verdict (targets.fit, a prediction), the
-perplexity before/after every lossy stage (each stage scores its own held-out text, named in the report), and the
+perplexity before/after every lossy stage (each stage scores its own held-out text, named in the report), the task
+metric before/after (edgepack.tasks: held-out items, with its standard error and the drop's) where a stage measured
+one, and the
 speed: measured tokens/s + memory where the bench ran on the target's hardware, else the roofline prediction,
 labelled "predicted". Numbers are copied from the manifests unchanged (the report's JSON is the manifests' values;
 the tables print them at fixed precision). Plots (matplotlib, the `plot` extra, Agg backend): quality across stages,
@@ -45,7 +47,13 @@ def _ppl_text(kind: str, metrics: dict, config: dict) -> str:
         split = proto.get("split") or ("held-out tail" if kind in ("prune", "distill") else "")
         return f"{Path(str(text)).name} ({split})" if split else Path(str(text)).name
     if kind == "tune":
-        return f"{Path(str(config.get('data') or 'data')).name} (validation split)"
+        data = config.get("data") or "data"
+        if isinstance(data, (list, tuple)):  # a weighted mix of sources
+            from edgepack.sources import split_weight
+
+            names = [f"{Path(p).name}:{w:g}" if w is not None else Path(p).name for p, w in map(split_weight, data)]
+            return f"mix of {', '.join(names)} (validation splits)"
+        return f"{Path(str(data)).name} (validation split)"
     return ""
 
 
@@ -56,6 +64,20 @@ def quality_of(kind: str, record: dict) -> dict | None:
     if after is None:
         return None
     return {"ppl_before": m.get("ppl_before"), "ppl_after": after, "text": _ppl_text(kind, m, c)}
+
+
+def task_of(record: dict) -> dict | None:
+    """The task metric a stage recorded (edgepack.tasks): before / after, the drop and their standard errors."""
+    t = (record.get("metrics") or {}).get("task") or {}
+    after, before = t.get("after"), t.get("before")
+    if not after:
+        return None
+    p = after.get("protocol") or {}
+    return {"metric": t.get("metric"), "before": before.get("score") if before else None, "after": after.get("score"),
+            "after_stderr": after.get("score_stderr"), "drop": t.get("drop"), "drop_stderr": t.get("drop_stderr"),
+            "max_task_drop": t.get("max_task_drop"), "items": after.get("scored_items"), "task": p.get("task"),
+            "split": p.get("split"), "runtime": p.get("runtime"), "generation": after.get("generation"),
+            "choice": after.get("choice")}
 
 
 def speed_of(metrics: dict) -> dict:
@@ -83,8 +105,9 @@ def build_report(run_dir) -> dict:
                    "run_dir": str(run_dir.absolute()), "targets": run.get("targets", [])}, "targets": []}
     for tname in run.get("targets", []):
         chain = shared + [s for s in steps if s.get("target") == tname]
-        rows, quality = [], []
-        t = {"name": tname, "stages": rows, "quality": quality, "bundle": None, "fit": None, "speed": None}
+        rows, quality, tasks = [], [], []
+        t = {"name": tname, "stages": rows, "quality": quality, "tasks": tasks, "bundle": None, "fit": None,
+             "speed": None}
         for s in chain:
             row = {"index": s["index"], "kind": s["kind"], "status": s["status"], "path": s["path"],
                    "seconds": s.get("seconds")}
@@ -98,6 +121,10 @@ def build_report(run_dir) -> dict:
             if q:
                 row["quality"] = q
                 quality.append({"stage": f"{s['index']} {s['kind']}", **q})
+            tq = task_of(rec)
+            if tq:
+                row["task"] = tq
+                tasks.append({"stage": f"{s['index']} {s['kind']}", **tq})
             if s["kind"] == "quantize":
                 row["note"] = m.get("method_choice") or f"{m.get('method')} ({m.get('format')})"
             elif s["kind"] == "compile":
@@ -132,6 +159,20 @@ def f_bytes(v) -> str:
     return "-" if v is None else f"{fmt_bytes(v)} ({v:,} B)"
 
 
+def f_task(tq: dict | None) -> str:
+    """"rougeL 12.34 -> 11.20 (drop 1.14 ± 0.60), 64 items": the task metric of a stage row."""
+    if not tq:
+        return ""
+
+    def num(v, se=None):
+        return "-" if v is None else f"{v:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+    if tq["before"] is None:
+        return f"{tq['metric']} {num(tq['after'], tq['after_stderr'])}, {tq['items']} items"
+    return (f"{tq['metric']} {num(tq['before'])} -> {num(tq['after'])} (drop {num(tq['drop'], tq['drop_stderr'])}), "
+            f"{tq['items']} items")
+
+
 def _speed_cells(sp: dict | None) -> list[str]:
     """[kind, decode tok/s, memory] for the summary table."""
     if not sp:
@@ -153,25 +194,27 @@ def _fit_cell(fit: dict | None) -> str:
 
 
 def summary_rows(rep: dict) -> tuple[list[str], list[list[str]]]:
-    cols = ["target", "bundle", "size", "runtime / precision", "fit verdict", "final ppl", "speed is",
+    cols = ["target", "bundle", "size", "runtime / precision", "fit verdict", "final ppl", "final task", "speed is",
             "decode tok/s", "memory"]
     rows = []
     for t in rep["targets"]:
         b = t["bundle"] or {}
         last = t["quality"][-1]["ppl_after"] if t["quality"] else None
+        tl = t.get("tasks") and t["tasks"][-1]
+        task = f"{tl['metric']} {tl['after']:.2f}" if tl else "-"
         rows.append([t["name"], b.get("path", "-"), f_bytes(b.get("bytes")),
-                     f"{b.get('runtime', '-')} / {b.get('precision', '-')}", _fit_cell(t["fit"]), f_ppl(last),
+                     f"{b.get('runtime', '-')} / {b.get('precision', '-')}", _fit_cell(t["fit"]), f_ppl(last), task,
                      *_speed_cells(t["speed"])])
     return cols, rows
 
 
 def stage_rows(t: dict) -> tuple[list[str], list[list[str]]]:
-    cols = ["#", "stage", "status", "ppl before", "ppl after", "scored on", "note"]
+    cols = ["#", "stage", "status", "ppl before", "ppl after", "scored on", "task (x100)", "note"]
     rows = []
     for r in t["stages"]:
         q = r.get("quality") or {}
         rows.append([str(r["index"]), r["kind"], r["status"], f_ppl(q.get("ppl_before")), f_ppl(q.get("ppl_after")),
-                     q.get("text", ""), r.get("note", "")])
+                     q.get("text", ""), f_task(r.get("task")), r.get("note", "")])
     return cols, rows
 
 
@@ -264,7 +307,8 @@ def _html_table(cols, rows) -> str:
 
 
 INTRO = ("Numbers are read from the stage manifests. Perplexity: each lossy stage scores its own held-out text "
-         "(named per row), before and after the stage. Speed: **measured** where the bench ran on the target's "
+         "(named per row), before and after the stage. Task: the gated task metric (edgepack-task-v1, x100) on "
+         "held-out items, ± its standard error (for a drop: the paired standard error). Speed: **measured** where the bench ran on the target's "
          "hardware; **predicted** (roofline: target bandwidth / bytes read per decoded token, an upper bound, not a "
          "measurement) where it did not. Fit verdicts are predictions (targets.fit).")
 

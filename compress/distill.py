@@ -54,9 +54,16 @@ class DistillConfig:
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
     seed: int = 0
     threads: int | None = None  # torch CPU threads (None = torch's default)
+    task: str = field(default="", metadata={"path": True})  # task file (edgepack.tasks): task metrics before / after
+    task_samples: int | None = 64  # held-out task items scored (None: all)
+    max_task_drop: float | None = None  # points the task metric may fall; more fails the stage and writes nothing
 
     def validate(self) -> list[str]:
         errs = []
+        if self.max_task_drop is not None and self.max_task_drop < 0:
+            errs.append("max_task_drop must be >= 0 (points)")
+        if self.task_samples is not None and self.task_samples < 1:
+            errs.append("task_samples must be >= 1")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 errs.append(f"{name} must be >= 1")
@@ -331,6 +338,11 @@ def distill(src: Artifact, cfg: DistillConfig, target, out: Path, *, force: bool
     with ArtifactWriter(out, force=force) as w:
         save_model(student, w.path, tokenizer_from=src.path)
         metrics["bytes"] = weight_bytes(w.path)
+        if cfg.task:
+            from edgepack.tasks import stage_task_metrics
+
+            metrics["task"] = stage_task_metrics(src, Artifact(w.path, {"format": "hf"}, False), cfg.task,
+                                                 cfg.task_samples, cfg.max_task_drop)
         rec = stage_record("distill", asdict(cfg), time.perf_counter() - t0, metrics,
                            target=target.name if target is not None else None, parent=src.digest())
         art = w.commit(format="hf", record=rec, parent=src, base_model=src.base_model)

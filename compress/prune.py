@@ -33,11 +33,18 @@ class PruneConfig:
     layers: tuple[int, ...] = ()  # depth only: remove exactly these layers (default: the least important ones)
     eval_max_tokens: int | None = None  # score at most this many held-out tokens (None = all)
     max_ppl_ratio: float | None = None  # fail (and write nothing) when ppl after / before exceeds this
+    task: str = field(default="", metadata={"path": True})  # task file (edgepack.tasks): task metrics before / after
+    task_samples: int | None = 64  # held-out task items scored (None: all)
+    max_task_drop: float | None = None  # points the task metric may fall; more fails the stage and writes nothing
 
     def validate(self) -> list[str]:
         from edgepack.errors import did_you_mean
 
         errs = []
+        if self.max_task_drop is not None and self.max_task_drop < 0:
+            errs.append("max_task_drop must be >= 0 (points)")
+        if self.task_samples is not None and self.task_samples < 1:
+            errs.append("task_samples must be >= 1")
         if self.method not in METHODS:
             errs.append(f"unknown method '{self.method}'{did_you_mean(self.method, METHODS)} (one of {', '.join(METHODS)})")
         if not 0.0 < self.sparsity < 1.0:
@@ -191,6 +198,11 @@ def prune(src: Artifact, cfg: PruneConfig, target, out: Path, *, force: bool = F
     with ArtifactWriter(out, force=force) as w:
         save_model(model, w.path, tokenizer_from=src.path)
         metrics["bytes"] = weight_bytes(w.path)
+        if cfg.task:
+            from edgepack.tasks import stage_task_metrics
+
+            metrics["task"] = stage_task_metrics(src, Artifact(w.path, {"format": "hf"}, False), cfg.task,
+                                                 cfg.task_samples, cfg.max_task_drop)
         rec = stage_record("prune", asdict(cfg), time.perf_counter() - t0, metrics,
                            target=target.name if target is not None else None, parent=src.digest())
         return w.commit(format="hf", record=rec, parent=src, base_model=src.base_model)

@@ -58,9 +58,16 @@ class QuantizeConfig:
     kd_steps: int = 300  # int4-gptq-kd: distillation steps (batches of 8 windows) after GPTQ (compress/quant_refine.py)
     kd_samples: int = 256  # int4-gptq-kd: calibration windows for distillation (GPTQ uses the first calib_samples)
     seed: int = 0  # int4-gptq-kd: batch order of the distillation
+    task: str = field(default="", metadata={"path": True})  # task file (edgepack.tasks): task metrics before / after
+    task_samples: int | None = 64  # held-out task items scored (None: all)
+    max_task_drop: float | None = None  # points the task metric may fall; more fails the stage and writes nothing
 
     def validate(self) -> list[str]:
         errs = []
+        if self.max_task_drop is not None and self.max_task_drop < 0:
+            errs.append("max_task_drop must be >= 0 (points)")
+        if self.task_samples is not None and self.task_samples < 1:
+            errs.append("task_samples must be >= 1")
         if self.method not in METHODS and self.method != AUTO:
             errs.append(f"unknown method '{self.method}'{did_you_mean(self.method, METHODS)}; "
                         f"methods: {', '.join(METHODS)}")
@@ -243,6 +250,12 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
                 f"{cfg.method} raised perplexity by {increase:.2f}% ({before.perplexity:.4f} -> {after.perplexity:.4f}), "
                 f"above the limit of {cfg.max_ppl_increase:g}%; nothing was written",
                 "use a calibrated method (int4-gptq), a smaller --group-size, or int8; or raise --max-ppl-increase")
+        if cfg.task:
+            from edgepack.tasks import stage_task_metrics
+
+            del scorer  # the task metrics open the written artifact through its runtime
+            metrics["task"] = stage_task_metrics(src, Artifact(w.path, {"format": out_format, "extra": extra}, False),
+                                                 cfg.task, cfg.task_samples, cfg.max_task_drop)
         rec = stage_record("quantize", asdict(cfg), time.perf_counter() - t0, metrics,
                            target=target.name if target is not None else None, parent=src.digest())
         return w.commit(format=out_format, record=rec, parent=src, base_model=src.base_model, extra=extra)

@@ -44,7 +44,7 @@ import tomllib
 from edgepack.artifact import MANIFEST_NAME, Artifact, open_artifact, sha256_file
 from edgepack.config import build_config, path_fields
 from edgepack.errors import ConfigError, did_you_mean
-from edgepack.sources import fetch_model, is_hub_id, resolve_model, resolve_path
+from edgepack.sources import fetch_model, is_hub_id, resolve_model, resolve_path, split_weight
 from edgepack.stages import StageSpec, get_stage
 
 _RECIPE_KEYS = {"name", "model", "targets", "workdir", "trust_pickle", "description"}
@@ -122,7 +122,7 @@ def load_recipe(path, workdir: Path | None = None, data: dict | None = None) -> 
         for key in path_fields(cls):
             for table in (raw, *overrides.values()):
                 if isinstance(table, dict) and table.get(key):
-                    table[key] = str(resolve_path(table[key], base))
+                    table[key] = _resolve_paths(table[key], base)
         per, skip = {}, {}
         for tname, extra in overrides.items():
             if not isinstance(extra, dict):
@@ -140,6 +140,24 @@ def load_recipe(path, workdir: Path | None = None, data: dict | None = None) -> 
                   description=str(head.get("description", "")))
 
 
+def _resolve_paths(value, base: Path):
+    """A path setting against the recipe's folder: one path, or a list of weighted "path:weight" sources (a mix)."""
+    if not isinstance(value, list):
+        return str(resolve_path(str(value), base))
+    out = []
+    for item in value:
+        path, weight = split_weight(str(item))
+        out.append(str(resolve_path(path, base)) + ("" if weight is None else ":" + str(item).rpartition(":")[2]))
+    return out
+
+
+def _file_key(value) -> dict:
+    path, weight = split_weight(str(value))
+    p = Path(value) if Path(value).exists() else Path(path)
+    key = {"name": p.name, "sha256": sha256_file(p) if p.is_file() else "missing"}
+    return key if weight is None or p == Path(value) else {**key, "weight": weight}
+
+
 def chain_digest(step_hash_hex: str, files_digest_hex: str) -> str:
     """What the next step is keyed on: the step that made the artifact AND its files. Files alone are not enough:
     a stage that only adds evidence (bench links the model files and records measurements) leaves them unchanged,
@@ -151,9 +169,10 @@ def step_hash(parent_digest: str, step: Step, target) -> str:
     config = step.for_target(target)[0]
     cfg = asdict(config)
     for key in path_fields(type(config)):  # the content of a data file, not its path, decides the output
-        if cfg.get(key):
-            p = Path(cfg[key])
-            cfg[key] = {"name": p.name, "sha256": sha256_file(p) if p.is_file() else "missing"}
+        if isinstance(cfg.get(key), (list, tuple)):  # a weighted mix of sources
+            cfg[key] = [_file_key(item) for item in cfg[key]]
+        elif cfg.get(key):
+            cfg[key] = _file_key(cfg[key])
     blob = json.dumps({"parent": parent_digest, "kind": step.spec.kind, "version": step.spec.version, "config": cfg,
                        "target": target.to_dict() if target is not None else None}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -200,7 +219,9 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[S
                 continue
             h = step_hash(digest, step, target if step.spec.per_target else None)
             out = subdir / f"{step.index:02d}-{step.spec.kind}-{h[:12]}"
-            tname = target.name if (target is not None and step.spec.per_target) else None
+            # a step in a target's branch belongs to that target even when its output does not depend on it (an
+            # eval after compile), so run.json and the report attribute it to the branch, not to every target
+            tname = target.name if target is not None else None
             if dry_run:
                 res = StepResult(step.index, step.spec.kind, tname, str(out),
                                  "cached" if (out / MANIFEST_NAME).is_file() else "planned", 0.0,

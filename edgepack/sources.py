@@ -60,3 +60,15 @@ def resolve_path(value: str, base: Path) -> Path:
         return embedded_path(value[len(EMBEDDED_PREFIX):])
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
+
+
+def split_weight(item: str) -> tuple[str, float | None]:
+    """("path", weight) of a weighted data source written "path:weight" (`--mix data.jsonl:0.7`); a string whose text
+    after the last ':' is not a number is a path with no weight."""
+    head, sep, tail = str(item).rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return str(item), None

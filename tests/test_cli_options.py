@@ -28,15 +28,15 @@ COMMANDS = {
     ("quantize",): (QuantizeConfig, set()),
     ("prune",): (PruneConfig, {"threads"}),
     ("distill",): (DistillConfig, {"student", "from_prune"}),
-    ("tune", "qlora"): (TuneConfig, {"resume"}),
-    ("tune", "prepare"): (PrepareConfig, {"strict", "model", "seq_len"}),
+    ("tune", "qlora"): (TuneConfig, {"resume", "mix"}),
+    ("tune", "prepare"): (PrepareConfig, {"strict", "model", "seq_len", "mix"}),
     ("compile",): (CompileConfig, set()),
     ("export", "onnx"): (ExportConfig, set()),
     ("generate",): (GenerationConfig, {"prompt", "runtime", "threads", "ignore_eos"}),
     ("bench", "run"): (BenchConfig, {"plot_path", "save_path"}),
     ("bundle",): (BundleConfig, set()),
     ("serve",): (ServeConfig, set()),
-    ("eval",): (EvalConfig, set()),
+    ("eval",): (EvalConfig, {"baseline", "save_outputs"}),
     ("convert",): (ConvertConfig, set()),
 }
 

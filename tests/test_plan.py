@@ -98,6 +98,18 @@ def test_fan_out_per_target_shares_the_prefix(tmp_path, tiny_model, tag_register
     assert Path(res[1].path).parent.name == "cpu-x86-64" and Path(res[2].path).parent.name == "jetson-orin-nano-8gb"
 
 
+def test_a_shared_kind_after_the_fan_out_belongs_to_its_branch(tmp_path, tiny_model, tag_registered):
+    """convert is not target-specific, but after a per-target stage it runs once per branch: run.json and the
+    report attribute each run to its target (an eval after compile), not to every target."""
+    p = _recipe(tmp_path, tiny_model, '[[stages]]\nkind = "tag"\n[[stages]]\nkind = "convert"\n',
+                targets='["cpu-x86-64", "jetson-orin-nano-8gb"]')
+    res = run_recipe(load_recipe(p))
+    assert [(r.kind, r.target) for r in res] == [("tag", "cpu-x86-64"), ("convert", "cpu-x86-64"),
+                                                 ("tag", "jetson-orin-nano-8gb"), ("convert", "jetson-orin-nano-8gb")]
+    run = json.loads((tmp_path / "wd" / "run.json").read_text())
+    assert [s["target"] for s in run["steps"]] == ["cpu-x86-64"] * 2 + ["jetson-orin-nano-8gb"] * 2
+
+
 def test_dry_run_executes_nothing(tmp_path, tiny_model, tag_registered):
     p = _recipe(tmp_path, tiny_model, '[[stages]]\nkind = "convert"\ndtype = "float16"\n[[stages]]\nkind = "tag"\n')
     res = run_recipe(load_recipe(p), dry_run=True)

@@ -216,3 +216,95 @@ def test_cli_module_is_torch_free():
     code = "import sys, edgepack.cli.tune, edgepack.tune.data; print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def stories_small(tmp_path_factory):
+    ts = SHARED / "data" / "tinystories-valid-sample.txt"
+    if not ts.is_file():
+        pytest.skip(f"{ts} not found")
+    p = tmp_path_factory.mktemp("data") / "tinystories-head.txt"
+    p.write_text("\n".join(ts.read_text().splitlines()[:300]) + "\n")
+    return p
+
+
+def test_freeze_layers_change_which_parameters_train(tiny, shakespeare_small, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    base = dict(steps=3, eval_every=3, patience=0, dropout=0.0, lr=1e-2, warmup_steps=0)
+    lora_all = tune(tiny, _cfg(shakespeare_small, method="lora", merge=False, **base), None, tmp_path / "a")
+    lora = tune(tiny, _cfg(shakespeare_small, method="lora", merge=False, freeze_layers=("first:1",), **base), None,
+                tmp_path / "l")
+    keys = load_file(str(lora.path / "adapter" / "adapter_model.safetensors")).keys()
+    assert keys and all(".layers.1." in k for k in keys)  # no adapter on the frozen layer 0
+    m = lora.history[-1]["metrics"]
+    assert m["frozen"] == {"layers": [0], "other": []}
+    assert 2 * m["trainable_params"] == lora_all.history[-1]["metrics"]["trainable_params"]
+
+    full = tune(tiny, _cfg(shakespeare_small, method="full", freeze_layers=(0, "embeddings"), **base), None,
+                tmp_path / "f")
+    m = full.history[-1]["metrics"]
+    assert full.format == "hf" and not (full.path / "adapter").exists()
+    before = load_file(str(tiny.path / "model.safetensors"))
+    after = load_file(str(full.path / "model.safetensors"))
+    frozen = {k for k in before if k.startswith("model.layers.0.") or k == "model.embed_tokens.weight"}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert frozen and not (changed & frozen) and changed == set(before) - frozen  # everything else trained
+    assert m["trainable_params"] == sum(v.numel() for k, v in before.items() if k not in frozen)
+    assert m["frozen"] == {"layers": [0], "other": ["embeddings"]} and m["layers_4bit"] == 0
+    assert m["ppl_after"] < m["ppl_before"]  # random weights: anything trained helps
+
+    with pytest.raises(ConfigError, match="freezes all 2 decoder layers"):
+        tune(tiny, _cfg(shakespeare_small, method="lora", freeze_layers=("last:5",), **base), None, tmp_path / "x")
+    for bad, msg in (({"freeze_layers": ["top:2"]}, "is not a layer index"),
+                     ({"freeze_layers": ["embeddings"], "method": "lora"}, "applies to method full"),
+                     ({"freeze_layers": [1.5]}, "freeze_layers")):
+        with pytest.raises(ConfigError, match=msg):
+            build_config(TuneConfig, {"data": "x", **bad}, "tune")
+
+
+def test_mixed_data_records_each_source_before_and_after(tiny, shakespeare_small, stories_small, tmp_path):
+    import math
+
+    cfg = TuneConfig(data=(f"{shakespeare_small}:0.7", f"{stories_small}:0.3"), steps=2, eval_every=2, patience=0,
+                     **FAST)
+    m = tune(tiny, cfg, None, tmp_path / "o").history[-1]["metrics"]
+    per = m["ppl_by_source"]
+    assert list(per) == ["shakespeare-head", "tinystories-head"] and per["shakespeare-head"]["share"] == 0.7
+    for p in per.values():
+        assert set(p) == {"share", "before", "adapter", "after"} and p["before"]["test"] > 0
+    mixed = math.exp(sum(p["share"] * math.log(p["before"]["validation"]) for p in per.values()))
+    assert m["ppl_before"] == pytest.approx(mixed, rel=1e-3)  # validation of a mix: share-weighted log perplexity
+    shares = {s["name"]: s["drawn"]["share"] for s in m["data"]["mix"]["sources"]}
+    assert shares["shakespeare-head"] == pytest.approx(0.7, abs=0.03) and m["data"]["mix"]["unit"] == "tokens"
+    assert set(m["data"]["tokens"]["train"]["by_source"]) == set(per)
+
+
+def test_a_recipe_tunes_twice_general_then_domain(tiny, shakespeare_small, stories_small, tmp_path):
+    from edgepack.plan import load_recipe, run_recipe
+
+    step = "\n".join(f"{k} = {v}" for k, v in {"steps": 2, "seq_len": 64, "batch_size": 4, "eval_every": 2,
+                                               "eval_blocks": 4, "threads": 1, "patience": 0}.items())
+    (tmp_path / "r.toml").write_text(f"""[recipe]
+name = "two"
+model = "{tiny.path}"
+workdir = "wd"
+[[stages]]
+kind = "tune"
+data = "{stories_small}"
+method = "lora"
+{step}
+[[stages]]
+kind = "tune"
+data = ["{shakespeare_small}:0.7", "{stories_small}:0.3"]
+{step}
+""")
+    res = run_recipe(load_recipe(tmp_path / "r.toml"))
+    assert [(r.kind, r.status) for r in res] == [("tune", "ran"), ("tune", "ran")]
+    first, second = open_artifact(res[0].path), open_artifact(res[1].path)
+    assert [h["stage"] for h in second.history] == ["tune", "tune"]
+    assert second.history[-1]["parent"] == first.digest() and second.history[-1]["config"]["method"] == "qlora"
+    assert "ppl_by_source" in res[1].metrics and "ppl_by_source" not in res[0].metrics
+    again = run_recipe(load_recipe(tmp_path / "r.toml"))
+    assert [r.status for r in again] == ["cached", "cached"]

@@ -76,7 +76,7 @@ def test_malformed_lines_are_reported_with_numbers_and_every_line_is_accounted_f
     assert [(m["line"], m["reason"].split(":")[0]) for m in r["dropped"]["malformed"]] == [
         (2, "invalid JSON"), (3, "expected a JSON object, got list"), (4, "instruction record without 'output'"),
         (5, "'output' must be a string, got int"), (8, "messages[0] has unknown role 'robot' (expected one of system, user, assistant)"),
-        (15, "not UTF-8"), (16, "has none of the keys 'instruction'/'output', 'messages' or 'text'")]
+        (15, "not UTF-8"), (16, "has none of the keys 'instruction'/'output', 'messages', 'text' or 'options'")]
     assert r["dropped"]["empty"] == [{"where": "line 9", "reason": "no assistant message"},
                                      {"where": "line 14", "reason": "empty output"}]
     assert r["dropped"]["exact_duplicate"] == [{"where": "line 11", "duplicate_of": "line 1"}]

@@ -4,6 +4,10 @@ Inputs (the kind is decided per record, so one JSONL file may mix them):
   - instruction records  {"instruction": str, "input": str (optional), "output": str}
   - chat records         {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
   - text records         {"text": str} in JSONL, or a plain .txt file split into paragraphs at blank lines
+  - choice records       {"instruction" | "question": str, "input": str (optional), "options" | "choices": [str, ...],
+                          "answer": index (0-based) | letter ("B") | the option's text}: multiple-choice items; they
+                          train as instruction records whose output is the right option, and edgepack.tasks scores
+                          them by log-likelihood
 A `.json` file holding one array of such objects is read too. Malformed lines are reported with their line number
 and reason; every input line ends up either kept or in the report under a named reason (nothing silently skipped).
 
@@ -16,6 +20,16 @@ assistant message) are dropped. De-duplication: exact (sha256 of the lowercased,
 near-duplicates: MinHash (64 permutations, deterministic) with LSH banding proposes candidates, and the exact
 Jaccard similarity of word 3-shingles >= `near_dup_threshold` confirms them; the first occurrence is kept.
 The split is a seeded permutation cut 8:1:1 (train / validation / test), the same for the same input and seed.
+
+Mixing (`prepare_mix`, `tune prepare --mix domain.jsonl:0.7 --mix general.txt:0.3`): every source is read, cleaned,
+de-duplicated and split 8:1:1 on its own, exactly as it would be alone (so its held-out records are the same ones,
+and no held-out record of one source is trained on through another), and every record keeps the name of its source.
+The validation and test splits of the mix are the sources' whole validation and test splits, side by side (each
+scored on its own: `split_text(prep, "test", source=name)`). The training split is drawn by weight: weights are
+shares of the training tokens (characters when no tokenizer is given), and strategy "under" (default) keeps the
+largest mix that repeats nothing (the source that runs out first is taken whole, the others sampled), "over" the
+smallest that drops nothing (sources short of their share are repeated). Sampling is a seeded permutation per
+source; the drawn records keep their source order. The report lists records and size drawn per source.
 
 Formatting (see `render`): with the tokenizer's chat template when it has one; otherwise the documented template
 
@@ -41,9 +55,11 @@ from pathlib import Path
 
 from edgepack.artifact import sha256_file
 from edgepack.errors import ConfigError
+from edgepack.sources import split_weight
 
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "validation", "test")
+MIX_STRATEGIES = ("under", "over")
 IGNORE = -100  # label of tokens that carry no loss (PyTorch cross-entropy ignore_index)
 # Only tags of known HTML elements are markup: "<noun>" or "<No Input>" in instruction data are content.
 _HTML_TAGS = ("a|abbr|b|big|blockquote|body|br|center|cite|code|dd|div|dl|dt|em|font|h[1-6]|head|hr|i|img|li|ol|p|"
@@ -68,6 +84,8 @@ class PrepareConfig:
     near_dup_threshold: float | None = 0.8  # Jaccard of word 3-shingles to call two records duplicates; None: off
     shingle_words: int = 3  # words per shingle for near-duplicate detection
     minhash_perms: int = 64  # MinHash signature length (16 LSH bands of 4 rows)
+    # several sources: under = the largest mix that repeats nothing, over = the smallest that drops nothing
+    mix_strategy: str = field(default="under", metadata={"choices": MIX_STRATEGIES})
 
     def validate(self) -> list[str]:
         errs = []
@@ -77,19 +95,24 @@ class PrepareConfig:
             errs.append("near_dup_threshold must be in (0, 1] or None")
         if self.shingle_words < 1 or self.minhash_perms < 4 or self.minhash_perms % 4:
             errs.append("shingle_words must be >= 1 and minhash_perms a multiple of 4")
+        if self.mix_strategy not in MIX_STRATEGIES:
+            errs.append(f"mix_strategy must be one of {', '.join(MIX_STRATEGIES)}")
         return errs
 
 
 @dataclass
 class Record:
-    kind: str  # "instruction" | "chat" | "text"
-    data: dict  # instruction: instruction/input/output; chat: messages; text: text
+    kind: str  # "instruction" | "chat" | "text" | "choice"
+    data: dict  # instruction: instruction/input/output; chat: messages; text: text; choice: instruction/input/options/answer
     where: str  # "line 12" of the source, for the report
+    source: str = ""  # name of the data source in a mix ("" for a single source)
 
     def content(self) -> str:
         """The record's text in one string (for de-duplication)."""
         if self.kind == "instruction":
             return "\n".join((self.data["instruction"], self.data["input"], self.data["output"]))
+        if self.kind == "choice":
+            return "\n".join((self.data["instruction"], self.data["input"], *self.data["options"]))
         if self.kind == "chat":
             return "\n".join(f"{m['role']}: {m['content']}" for m in self.data["messages"])
         return self.data["text"]
@@ -100,12 +123,47 @@ class Prepared:
     splits: dict[str, list[Record]]
     report: dict = field(default_factory=dict)
 
+    def source_weights(self) -> dict[str, float]:
+        """{source name: normalized weight} of a mix; {} for a single source."""
+        return {s["name"]: s["share"] for s in self.report.get("sources", [])}
+
+    def of_source(self, split: str, name: str) -> list[Record]:
+        return [r for r in self.splits[split] if r.source == name]
+
 
 # ------------------------------------------------------------------------------------------------------ reading
+def _parse_choice(obj: dict, where: str) -> Record | str:
+    opts = obj.get("options", obj.get("choices"))
+    question = obj.get("instruction", obj.get("question"))
+    if not isinstance(question, str):
+        return "choice record needs a string 'instruction' (or 'question')"
+    if not isinstance(opts, list) or len(opts) < 2 or not all(isinstance(o, str) for o in opts):
+        return "'options' must be a list of at least 2 strings"
+    if not isinstance(obj.get("input", ""), str):
+        return f"'input' must be a string, got {type(obj['input']).__name__}"
+    ans = obj.get("answer")
+    if isinstance(ans, int) and not isinstance(ans, bool):
+        idx = ans if 0 <= ans < len(opts) else None
+    elif isinstance(ans, str) and len(ans.strip()) == 1 and ans.strip().isalpha() and ans.strip() not in opts:
+        idx = ord(ans.strip().upper()) - ord("A")
+        idx = idx if 0 <= idx < len(opts) else None
+    elif isinstance(ans, str) and ans in opts:
+        idx = opts.index(ans)
+    else:
+        idx = None
+    if idx is None:
+        return (f"'answer' must name one of the {len(opts)} options: a 0-based index, a letter or the option's text, "
+                f"got {ans!r}")
+    return Record("choice", {"instruction": question, "input": obj.get("input", ""), "options": list(opts),
+                             "answer": idx}, where)
+
+
 def _parse_object(obj, where: str) -> Record | str:
     """A Record, or the reason the object is malformed."""
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
+    if "options" in obj or "choices" in obj:
+        return _parse_choice(obj, where)
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -128,7 +186,7 @@ def _parse_object(obj, where: str) -> Record | str:
         if not isinstance(obj["text"], str):
             return f"'text' must be a string, got {type(obj['text']).__name__}"
         return Record("text", {"text": obj["text"]}, where)
-    return "has none of the keys 'instruction'/'output', 'messages' or 'text'"
+    return "has none of the keys 'instruction'/'output', 'messages', 'text' or 'options'"
 
 
 def read_records(path) -> tuple[list[Record], list[dict], dict]:
@@ -206,6 +264,11 @@ def clean_record(rec: Record, strip_markup: bool) -> tuple[Record, str | None]:
     if rec.kind == "instruction":
         d = {k: clean_text(v, strip_markup) for k, v in rec.data.items()}
         empty = "empty instruction" if not d["instruction"] else "empty output" if not d["output"] else None
+    elif rec.kind == "choice":
+        d = {"instruction": clean_text(rec.data["instruction"], strip_markup),
+             "input": clean_text(rec.data["input"], strip_markup),
+             "options": [clean_text(o, strip_markup) for o in rec.data["options"]], "answer": rec.data["answer"]}
+        empty = "empty instruction" if not d["instruction"] else "empty option" if not all(d["options"]) else None
     elif rec.kind == "chat":
         msgs = [{"role": m["role"], "content": clean_text(m["content"], strip_markup)} for m in rec.data["messages"]]
         d = {"messages": msgs}
@@ -218,7 +281,7 @@ def clean_record(rec: Record, strip_markup: bool) -> tuple[Record, str | None]:
     else:
         d = {**rec.data, "text": clean_text(rec.data["text"], strip_markup)}
         empty = "empty text" if not d["text"] else None
-    return Record(rec.kind, d, rec.where), empty
+    return Record(rec.kind, d, rec.where, rec.source), empty
 
 
 # ------------------------------------------------------------------------------------------------ de-duplication
@@ -325,13 +388,128 @@ def prepare(path, cfg: PrepareConfig = PrepareConfig()) -> Prepared:
     return Prepared(splits, report)
 
 
+# ------------------------------------------------------------------------------------------------------- mixing
+@dataclass(frozen=True)
+class Source:
+    path: str
+    weight: float  # as given; shares are weight / sum of weights
+    name: str  # the file's stem, made unique: names the source in records, reports and metrics
+
+
+def parse_sources(data) -> list[Source]:
+    """The sources of a `data` setting: one path, or a list of "path:weight" strings (one path alone needs no
+    weight)."""
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+    if not items:
+        raise ConfigError("no data source given", "pass a data file, or several as PATH:WEIGHT (--mix a.jsonl:0.7)")
+    out, names = [], set()
+    for item in items:
+        path, weight = split_weight(str(item))
+        if weight is None:
+            if len(items) > 1:
+                raise ConfigError(f"data source '{item}' of a mix has no weight",
+                                  "write each source of a mix as PATH:WEIGHT, e.g. domain.jsonl:0.7 general.txt:0.3")
+            weight = 1.0
+        if not (weight > 0 and weight != float("inf")):
+            raise ConfigError(f"data source '{item}' has weight {weight:g}", "weights must be positive numbers")
+        name, k = Path(path).stem or "data", 2
+        while name in names:
+            name, k = f"{Path(path).stem}-{k}", k + 1
+        names.add(name)
+        out.append(Source(path, float(weight), name))
+    return out
+
+
+def _record_size(rec: Record, tokenizer) -> int:
+    """Tokens of a record as trained (BOS/EOS included; paragraphs of a .txt join a stream), or its characters."""
+    text = "".join(s for s, _ in render(rec, tokenizer or _NoTemplate()))
+    if tokenizer is None:
+        return len(text)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + (1 if rec.data.get("paragraph") else 2)
+
+
+def _draw(sizes: list[int], budget: float, rng) -> tuple[list[int], int]:
+    """(indices, whole copies): whole copies of the source while the budget covers one, then a seeded random subset
+    (taken until its size reaches the rest of the budget), in source order."""
+    import numpy as np
+
+    total = sum(sizes)
+    copies = int(budget / total + 1e-9)
+    rest = budget - copies * total
+    idx = list(range(len(sizes))) * copies
+    if rest > 1e-9 * total:
+        perm = rng.permutation(len(sizes))
+        cum = np.cumsum(np.asarray(sizes, dtype=np.float64)[perm])
+        k = min(len(sizes), int(np.searchsorted(cum, rest - 1e-9, side="left")) + 1)
+        idx += sorted(int(i) for i in perm[:k])
+    return idx, copies
+
+
+def prepare_mix(sources: list[Source], cfg: PrepareConfig = PrepareConfig(), tokenizer=None) -> Prepared:
+    """Prepare every source on its own (clean, de-duplicate, split), then draw the training split by weight (see the
+    module docstring). With `tokenizer` the weights are shares of training tokens, else of characters."""
+    import numpy as np
+
+    for src in sources:
+        if Path(src.path).is_dir():
+            raise ConfigError(f"a mix reads data files; '{src.path}' is a folder",
+                              "mix the raw files (each is cleaned and split on its own)")
+    parts = [(src, prepare(src.path, cfg)) for src in sources]
+    unit = "tokens" if tokenizer is not None else "characters"
+    total_w = sum(s.weight for s in sources)
+    sizes = [[_record_size(r, tokenizer) for r in p.splits["train"]] for _, p in parts]
+    for (src, _), sz in zip(parts, sizes):
+        if not sum(sz):
+            raise ConfigError(f"data source '{src.path}' has an empty training split", "give it more records")
+    ratios = [sum(sz) / (s.weight / total_w) for s, sz in zip(sources, sizes)]
+    mix_total = min(ratios) if cfg.mix_strategy == "under" else max(ratios)
+    splits: dict[str, list[Record]] = {name: [] for name in SPLITS}
+    rows, dropped, kinds = [], {}, {}
+    drawn_sizes = []
+    for i, ((src, prep), sz) in enumerate(zip(parts, sizes)):
+        share = src.weight / total_w
+        idx, copies = _draw(sz, share * mix_total, np.random.default_rng((cfg.seed, 104_729, i)))
+        train = prep.splits["train"]
+        splits["train"] += [Record(train[j].kind, train[j].data, train[j].where, src.name) for j in idx]
+        for name in ("validation", "test"):
+            splits[name] += [Record(r.kind, r.data, r.where, src.name) for r in prep.splits[name]]
+        drawn_sizes.append(sum(sz[j] for j in idx))
+        r = prep.report
+        for reason, items in r["dropped"].items():
+            dropped.setdefault(reason, []).extend({"source": src.name, **d} for d in items)
+        for k, v in r["kinds"].items():
+            kinds[k] = kinds.get(k, 0) + v
+        rows.append({"name": src.name, "path": str(src.path), "sha256": r["source_sha256"], "weight": src.weight,
+                     "share": round(share, 6), "lines": r["lines"], "records_read": r["records_read"],
+                     "records_kept": r["records_kept"], "kinds": r["kinds"], "dropped_counts": r["dropped_counts"],
+                     "splits": r["splits"], "train_size": sum(sz),
+                     "drawn": {"records": len(idx), "distinct_records": len(set(idx)), "whole_copies": copies,
+                               "size": drawn_sizes[-1]}})
+    for row, size in zip(rows, drawn_sizes):
+        row["drawn"]["share"] = round(size / max(1, sum(drawn_sizes)), 4)
+    reports = [p.report for _, p in parts]
+    report = {
+        "sources": rows, "mix": {"strategy": cfg.mix_strategy, "unit": unit, "seed": cfg.seed,
+                                 "train_size": sum(drawn_sizes)},
+        "config": asdict(cfg), "lines": sum(r["lines"] for r in reports),
+        "blank_lines": sum(r["blank_lines"] for r in reports), "records_read": sum(r["records_read"] for r in reports),
+        "records_kept": sum(r["records_kept"] for r in reports), "kinds": kinds,
+        "records_changed_by_cleaning": sum(r["records_changed_by_cleaning"] for r in reports),
+        "dropped": {k: dropped.get(k, []) for k in reports[0]["dropped"]},
+        "dropped_counts": {k: len(dropped.get(k, [])) for k in reports[0]["dropped"]},
+        "splits": {k: len(v) for k, v in splits.items()},
+    }
+    return Prepared(splits, report)
+
+
 def write_prepared(prep: Prepared, out: Path) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, recs in prep.splits.items():
         with open(out / f"{name}.jsonl", "w") as f:
             for r in recs:
-                f.write(json.dumps({"kind": r.kind, "where": r.where, **r.data}, ensure_ascii=False) + "\n")
+                head = {"kind": r.kind, "where": r.where, **({"source": r.source} if r.source else {})}
+                f.write(json.dumps({**head, **r.data}, ensure_ascii=False) + "\n")
     (out / "report.json").write_text(json.dumps(prep.report, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -346,23 +524,34 @@ def load_prepared(folder: Path) -> Prepared:
         recs = []
         for line in p.read_text().splitlines():
             d = json.loads(line)
-            recs.append(Record(d.pop("kind"), {k: v for k, v in d.items() if k != "where"}, d.get("where", "?")))
+            kind, where, source = d.pop("kind"), d.pop("where", "?"), d.pop("source", "")
+            recs.append(Record(kind, d, where, source))
         splits[name] = recs
     report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else {}
     return Prepared(splits, report)
 
 
-def load_or_prepare(data, cfg: PrepareConfig = PrepareConfig()) -> Prepared:
-    return load_prepared(Path(data)) if Path(data).is_dir() else prepare(data, cfg)
+def load_or_prepare(data, cfg: PrepareConfig = PrepareConfig(), tokenizer=None) -> Prepared:
+    """A `tune prepare` folder, one data file, or a mix of "path:weight" sources (see prepare_mix)."""
+    sources = parse_sources(data)
+    if len(sources) > 1:
+        return prepare_mix(sources, cfg, tokenizer)
+    path = Path(sources[0].path)
+    return load_prepared(path) if path.is_dir() else prepare(path, cfg)
 
 
 # --------------------------------------------------------------------------------------------------- formatting
+def _output(rec: Record) -> str:
+    """The trained response of an instruction or choice record (a choice record's right option)."""
+    return rec.data["options"][rec.data["answer"]] if rec.kind == "choice" else rec.data["output"]
+
+
 def _to_messages(rec: Record) -> list[dict]:
     if rec.kind == "chat":
         return rec.data["messages"]
     d = rec.data
     user = d["instruction"] + ("\n\n" + d["input"] if d["input"] else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": d["output"]}]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": _output(rec)}]
 
 
 def render(rec: Record, tokenizer) -> list[tuple[str, bool]]:
@@ -371,10 +560,10 @@ def render(rec: Record, tokenizer) -> list[tuple[str, bool]]:
         return [(rec.data["text"], True)]
     if getattr(tokenizer, "chat_template", None):
         return _render_chat_template(_to_messages(rec), tokenizer)
-    if rec.kind == "instruction":
+    if rec.kind in ("instruction", "choice"):
         d = rec.data
         prompt = f"### Instruction:\n{d['instruction']}\n\n" + (f"### Input:\n{d['input']}\n\n" if d["input"] else "")
-        return [(prompt + "### Response:\n", False), (d["output"], True)]
+        return [(prompt + "### Response:\n", False), (_output(rec), True)]
     segs = []
     for m in rec.data["messages"]:
         head = f"### {m['role'].capitalize()}:\n"
@@ -401,6 +590,16 @@ def _render_chat_template(messages: list[dict], tokenizer) -> list[tuple[str, bo
     if final.startswith(done) and len(final) > len(done):
         segs.append((final[len(done):], False))
     return [s for s in segs if s[0]]
+
+
+def prompt_and_reference(rec: Record, tokenizer) -> tuple[str, str]:
+    """(prompt text, reference response) of an instruction, chat or choice record, formatted as `render` trains it:
+    everything before the last response is the prompt (for a chat, the last assistant message is the reference)."""
+    if rec.kind == "text":
+        raise ConfigError("a text record has no prompt and response", "use instruction, chat or choice records")
+    segs = render(rec, tokenizer)
+    last = max(i for i, (_, trains) in enumerate(segs) if trains)
+    return "".join(s for s, _ in segs[:last]), segs[last][0]
 
 
 def encode(rec: Record, tokenizer) -> tuple[list[int], list[int]]:
@@ -457,6 +656,15 @@ def tokenize_splits(prep: Prepared, tokenizer, seq_len: int) -> tuple[dict, dict
         n_train = sum(sum(1 for t in e[1] if t != IGNORE) for e in examples)
         stats[name] = {"examples": len(examples), "tokens": n_tok, "loss_tokens": n_train, "blocks": len(ids),
                        "longer_than_seq_len": sum(len(e[0]) > seq_len for e in examples)}
+        if any(r.source for r in recs):
+            by: dict[str, dict] = {}
+            for r, e in zip(_join_paragraphs(recs), examples):
+                st = by.setdefault(r.source, {"records": 0, "tokens": 0, "loss_tokens": 0})
+                st["tokens"] += len(e[0])
+                st["loss_tokens"] += sum(1 for t in e[1] if t != IGNORE)
+            for r in recs:
+                by.setdefault(r.source, {"records": 0, "tokens": 0, "loss_tokens": 0})["records"] += 1
+            stats[name]["by_source"] = by
         out[name] = (torch.tensor(ids, dtype=torch.long).reshape(-1, seq_len),
                      torch.tensor(labels, dtype=torch.long).reshape(-1, seq_len))
     return out, stats
@@ -468,17 +676,30 @@ def _join_paragraphs(recs: list[Record]) -> list[Record]:
     BOS/EOS-wrapped fragments whose starts tokenize differently."""
     out: list[Record] = []
     for r in recs:
-        if r.kind == "text" and r.data.get("paragraph") and out and out[-1].data.get("paragraph"):
+        if (r.kind == "text" and r.data.get("paragraph") and out and out[-1].data.get("paragraph")
+                and out[-1].source == r.source):
             out[-1] = Record("text", {"text": out[-1].data["text"] + "\n\n" + r.data["text"], "paragraph": True},
-                             out[-1].where)
+                             out[-1].where, r.source)
         else:
             out.append(r)
     return out
 
 
-def split_text(prep: Prepared, split: str) -> str:
-    """A split's records as one text (rendered prompts + responses, joined by blank lines), for perplexity."""
-    return "\n\n".join("".join(s for s, _ in render(r, _NoTemplate())) for r in prep.splits[split])
+def tokenize_sources(prep: Prepared, tokenizer, seq_len: int, splits=("validation", "test")) -> dict:
+    """{source: {split: (input_ids, labels)}}: the held-out splits of a mix packed per source, so each source is
+    scored on its own ({} for a single source)."""
+    out = {}
+    for name in prep.source_weights():
+        part = Prepared({s: prep.of_source(s, name) for s in splits})
+        out[name] = tokenize_splits(part, tokenizer, seq_len)[0]
+    return out
+
+
+def split_text(prep: Prepared, split: str, source: str | None = None) -> str:
+    """A split's records as one text (rendered prompts + responses, joined by blank lines), for perplexity; with
+    `source`, only that source's records (of a mix)."""
+    recs = prep.splits[split] if source is None else prep.of_source(split, source)
+    return "\n\n".join("".join(s for s, _ in render(r, _NoTemplate())) for r in recs)
 
 
 class _NoTemplate:

@@ -1,4 +1,11 @@
-"""Stage `tune`: QLoRA (a bitsandbytes NF4 base with double quantization + LoRA adapters) or plain LoRA.
+"""Stage `tune`: QLoRA (a bitsandbytes NF4 base with double quantization + LoRA adapters), plain LoRA, or full-parameter
+fine-tuning (method "full": every weight of the unfrozen layers trains, no adapter).
+
+`data` is one source or a weighted mix ("domain.jsonl:0.7", "general.txt:0.3"; tune.data.prepare_mix): with a mix,
+validation perplexity (early stopping, the recorded figures) is exp(sum of share x log perplexity) over the sources'
+own validation splits, and every source's validation / test perplexity before and after is recorded
+(`ppl_by_source`), so forgetting the general data shows next to learning the domain. `freeze_layers` keeps decoder
+layers frozen: LoRA puts no adapter on them (peft layers_to_transform), full tuning leaves their weights as they are.
 
 The output is a full-precision Hugging Face artifact ready for distill / prune / quantize: the adapter is merged into
 a float32 copy of the base, never into the 4-bit base (merging into Linear4bit re-quantizes W + BA and loses the
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,12 +37,19 @@ from edgepack.errors import ConfigError, ValidationFailed, require
 from edgepack.tune.data import PrepareConfig
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+METHODS = ("qlora", "lora", "full")
+FREEZE_WORDS = ("embeddings", "lm_head")  # full tuning only: the token embedding (and a tied lm_head), the lm_head
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    data: str = field(default="", metadata={"path": True})  # data file (.jsonl/.json/.txt) or a `tune prepare` folder
-    method: Literal["qlora", "lora"] = "qlora"  # qlora: NF4 4-bit base; lora: base in the compute dtype
+    # a data file (.jsonl/.json/.txt), a `tune prepare` folder, or a mix: ["domain.jsonl:0.7", "general.txt:0.3"]
+    data: str | tuple[str, ...] = field(default="", metadata={"path": True})
+    mix_strategy: str = field(default="under", metadata={"choices": ("under", "over")})  # a mix: tune.data.prepare_mix
+    method: Literal["qlora", "lora", "full"] = "qlora"  # qlora: NF4 4-bit base + LoRA; lora: base in the compute dtype; full: no adapter
+    # decoder layers that do not train: indices (negative count from the end), "first:N", "last:N"; full also
+    # "embeddings" (token embedding, and lm_head when tied) and "lm_head"
+    freeze_layers: tuple[int | str, ...] = ()
     rank: int = 16  # LoRA rank r
     alpha: float = 32.0  # LoRA scaling numerator (update is alpha / r * B A)
     dropout: float = 0.05  # dropout on the LoRA input path
@@ -65,6 +80,21 @@ class TuneConfig:
 
     def validate(self) -> list[str]:
         errs = [] if self.data else ["'data' is required (a data file or a 'tune prepare' folder)"]
+        if self.mix_strategy not in ("under", "over"):
+            errs.append("mix_strategy must be under or over")
+        if not isinstance(self.data, str) and len(self.data) > 1:
+            from edgepack.sources import split_weight
+
+            unweighted = [d for d in self.data if split_weight(d)[1] is None]
+            if unweighted:
+                errs.append(f"data source '{unweighted[0]}' of a mix has no weight (write PATH:WEIGHT, e.g. a.jsonl:0.7)")
+        for item in self.freeze_layers:
+            try:
+                _freeze_item(item, 10 ** 6)
+            except ValueError as exc:
+                errs.append(str(exc))
+            if str(item) in FREEZE_WORDS and self.method != "full":
+                errs.append(f"freeze_layers '{item}' applies to method full (LoRA puts no adapter on {item})")
         for name in ("rank", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 errs.append(f"{name} must be >= 1")
@@ -84,6 +114,69 @@ class TuneConfig:
 
     def peft_targets(self):
         return "all-linear" if tuple(self.target_modules) == ("all-linear",) else list(self.target_modules)
+
+
+def _freeze_item(item, n_layers: int) -> set[int] | str:
+    """Layer indices (or a FREEZE_WORDS word) one freeze_layers entry names; ValueError names a bad entry."""
+    text = str(item).strip()
+    if text in FREEZE_WORDS:
+        return text
+    how, _, count = text.partition(":")
+    try:
+        if how in ("first", "last") and count:
+            k = int(count)
+            if k < 0:
+                raise ValueError
+            return set(range(min(k, n_layers))) if how == "first" else set(range(max(0, n_layers - k), n_layers))
+        i = int(text)
+    except ValueError:
+        raise ValueError(f"freeze_layers entry '{item}' is not a layer index, 'first:N', 'last:N' or one of "
+                         f"{', '.join(FREEZE_WORDS)}") from None
+    if not -n_layers <= i < n_layers:
+        raise ValueError(f"freeze_layers entry {i} is out of range for a model with {n_layers} layers")
+    return {i % n_layers}
+
+
+def frozen_layers(cfg: TuneConfig, n_layers: int) -> tuple[list[int], list[str]]:
+    """(sorted decoder-layer indices, FREEZE_WORDS words) that cfg.freeze_layers names for a model of n_layers."""
+    idx, words = set(), []
+    for item in cfg.freeze_layers:
+        try:
+            got = _freeze_item(item, n_layers)
+        except ValueError as exc:
+            raise ConfigError(str(exc), "freeze_layers takes indices, 'first:N', 'last:N'") from None
+        if isinstance(got, str):
+            words.append(got)
+        else:
+            idx |= got
+    if len(idx) >= n_layers:
+        raise ConfigError(f"freeze_layers freezes all {n_layers} decoder layers", "leave at least one layer to train")
+    return sorted(idx), words
+
+
+def _n_layers(model) -> int:
+    from edgepack.compress.prune_algos import decoder_layers
+
+    return len(decoder_layers(model))
+
+
+def freeze_(model, cfg: TuneConfig) -> dict:
+    """Method full: every parameter trains but those of the frozen layers (and words); returns what was frozen."""
+    from edgepack.compress.prune_algos import decoder_layers
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if not cfg.freeze_layers:
+        return {"layers": [], "other": []}
+    layers, words = frozen_layers(cfg, _n_layers(model))
+    for i in layers:
+        for p in decoder_layers(model)[i].parameters():
+            p.requires_grad_(False)
+    if "embeddings" in words:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    if "lm_head" in words:
+        model.get_output_embeddings().weight.requires_grad_(False)
+    return {"layers": layers, "other": words}
 
 
 def lr_at(step: int, cfg: TuneConfig) -> float:
@@ -111,6 +204,10 @@ def load_base(path: Path, cfg: TuneConfig, device: str, dtype, fsdp: bool = Fals
     from transformers import AutoModelForCausalLM
 
     kw = {}
+    if cfg.method == "full":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}, trust_remote_code=False,
+                                                    local_files_only=True,
+                                                    use_safetensors=any(Path(path).glob("*.safetensors")))
     if cfg.method == "qlora":
         bnb = require("bitsandbytes", "tune", "QLoRA's 4-bit NF4 base")
         from transformers import BitsAndBytesConfig
@@ -150,9 +247,31 @@ def add_lora(model, cfg: TuneConfig):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.peft_targets(),
-                      bias="none", task_type="CAUSAL_LM")
+    layers, targets = None, cfg.peft_targets()
+    if cfg.freeze_layers:
+        n = _n_layers(model)
+        frozen = frozen_layers(cfg, n)[0]
+        layers = [i for i in range(n) if i not in frozen]
+        if targets == "all-linear":  # peft takes layers_to_transform only with module names: name the linears
+            import torch
+
+            head = model.get_output_embeddings()
+            targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and m is not head})
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM", layers_to_transform=layers)
     return get_peft_model(model, lcfg)
+
+
+def prepare_full(model, cfg: TuneConfig) -> dict:
+    """Method full: train every weight but the frozen ones (freeze_); optional gradient checkpointing."""
+    frozen = freeze_(model, cfg)
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it; keep working with both names
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return frozen
 
 
 def dequantized_state(model) -> dict:
@@ -203,12 +322,13 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
 
     import torch
 
-    require("peft", "tune", "LoRA adapters")
+    if cfg.method != "full":
+        require("peft", "tune", "LoRA adapters")
     accelerate = require("accelerate", "tune", "the training loop (single process or accelerate launch)")
     from edgepack.facts import weight_bytes
     from edgepack.hf import load_model, load_tokenizer, save_model
     from edgepack.tune.checkpoint import checkpoint_dir, fingerprint, read_state
-    from edgepack.tune.data import load_or_prepare, tokenize_splits
+    from edgepack.tune.data import load_or_prepare, tokenize_sources, tokenize_splits
     from edgepack.tune.trainer import masked_perplexity, train
 
     t0 = time.perf_counter()
@@ -219,9 +339,11 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
     if src.format != "hf":
         raise ConfigError(f"'{src.path}' is a '{src.format}' artifact; tune needs a Hugging Face checkpoint",
                           "tune before export / compile, at the start of the chain")
-    prep = load_or_prepare(cfg.data, PrepareConfig(seed=cfg.data_seed))
-    data_digest = hashlib.sha256(json.dumps({k: [r.data for r in v] for k, v in prep.splits.items()},
-                                            sort_keys=True).encode()).hexdigest()
+    tok = load_tokenizer(src.path)
+    prep = load_or_prepare(cfg.data, PrepareConfig(seed=cfg.data_seed, mix_strategy=cfg.mix_strategy), tok)
+    weights = prep.source_weights()
+    data_digest = hashlib.sha256(json.dumps({"splits": {k: [r.data for r in v] for k, v in prep.splits.items()},
+                                             "weights": weights}, sort_keys=True).encode()).hexdigest()
     ckdir, fp = checkpoint_dir(out), fingerprint(src.digest(), data_digest, cfg)
     state = read_state(ckdir)
     if state is not None and (state.get("fingerprint") != fp or resume is False):
@@ -238,32 +360,48 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
     device = str(accelerator.device)
     dtype = resolve_compute_dtype(cfg, device)
     fsdp = accelerator.distributed_type.name == "FSDP"
-    tok = load_tokenizer(src.path)
     blocks, token_stats = tokenize_splits(prep, tok, cfg.seq_len)
     if blocks["validation"][0].shape[0] == 0:
         raise ConfigError("the validation split is empty", "use more data (the split is 8:1:1)")
+    by_source = tokenize_sources(prep, tok, cfg.seq_len)
 
-    def val_test(model) -> tuple[float, float]:
-        return (masked_perplexity(model, *blocks["validation"], cfg.batch_size, cfg.eval_blocks),
-                masked_perplexity(model, *blocks["test"], cfg.batch_size, cfg.eval_blocks)
-                if blocks["test"][0].shape[0] else float("nan"))
+    def split_ppl(model, split: str) -> tuple[float, dict]:
+        """(perplexity of the split, {source: perplexity}); a mix: exp(sum share x log ppl) over its sources."""
+        if not by_source:
+            ids = blocks[split][0]
+            return (masked_perplexity(model, *blocks[split], cfg.batch_size, cfg.eval_blocks)
+                    if ids.shape[0] else float("nan")), {}
+        per = {n: masked_perplexity(model, *b[split], cfg.batch_size, cfg.eval_blocks)
+               for n, b in by_source.items() if b[split][0].shape[0]}
+        total = sum(weights[n] for n in per)
+        return math.exp(sum(weights[n] * math.log(v) for n, v in per.items()) / total), per
+
+    def val_test(model) -> tuple[float, float, dict]:
+        (val, val_per), (test, test_per) = split_ppl(model, "validation"), split_ppl(model, "test")
+        return val, test, {n: {"validation": round(val_per[n], 4), "test": round(test_per[n], 4) if n in test_per
+                               else None} for n in val_per}
 
     base = load_model(src, device=device)  # the full-precision reference (stored 16-bit dtype on a GPU)
-    before_val, before_test = val_test(base)
+    before_val, before_test, before_src = val_test(base)
     del base
     torch.manual_seed(cfg.seed)
-    model = add_lora(load_base(src.path, cfg, device, dtype, fsdp), cfg)
-    n4 = getattr(model.get_base_model(), "edgepack_4bit_layers", 0)
+    model = load_base(src.path, cfg, device, dtype, fsdp)
+    frozen = prepare_full(model, cfg) if cfg.method == "full" else None
+    if cfg.method != "full":
+        model = add_lora(model, cfg)
+        frozen = {"layers": frozen_layers(cfg, _n_layers(model.get_base_model()))[0] if cfg.freeze_layers else [],
+                  "other": []}
+    n4 = getattr(model.get_base_model(), "edgepack_4bit_layers", 0) if cfg.method != "full" else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     ckdir.mkdir(parents=True, exist_ok=True)
     res = train(model, blocks, cfg, ckdir, fp, accelerator, resume=state is not None, on_step=on_step,
-                log_dir=ckdir / "tensorboard")
+                log_dir=ckdir / "tensorboard", val_fn=(lambda m: split_ppl(m, "validation")[0]) if by_source else None)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: process high-water mark (bytes)
     model = accelerator.unwrap_model(model)
-    adapter_val, adapter_test = val_test(model)
+    adapter_val, adapter_test, adapter_src = val_test(model)
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         from edgepack.artifact import open_artifact
@@ -283,20 +421,39 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
         "test_ppl_before": round(before_test, 4), "test_ppl_adapter": round(adapter_test, 4),
         "curve": res.curve, "data": {"splits": {k: len(v) for k, v in prep.splits.items()}, "tokens": token_stats,
                                       "dropped": prep.report.get("dropped_counts")},
+        "frozen": frozen,
     }
+    if weights:
+        metrics["data"]["mix"] = {**prep.report["mix"], "sources": [
+            {k: s[k] for k in ("name", "path", "sha256", "weight", "share", "splits", "drawn")}
+            for s in prep.report["sources"]]}
+        metrics["ppl_by_source"] = {n: {"share": weights[n], "before": before_src[n], "adapter": adapter_src[n]}
+                                    for n in before_src}
     with ArtifactWriter(out, force=force) as w:
-        adapter_dir = w.path / "adapter"
-        model.save_pretrained(adapter_dir, safe_serialization=True)
         (w.path / "data_report.json").write_text(json.dumps(prep.report, indent=1, ensure_ascii=False) + "\n")
         if (ckdir / "tensorboard").is_dir():
             shutil.copytree(ckdir / "tensorboard", w.path / "logs")
-        if cfg.merge:
+        if cfg.method == "full":  # the trained model is the output: no adapter, nothing to merge
+            metrics.update(ppl_after=round(adapter_val, 4), test_ppl_after=round(adapter_test, 4))
+            if weights:
+                for n in adapter_src:
+                    metrics["ppl_by_source"][n]["after"] = adapter_src[n]
+            save_model(model.to("cpu"), w.path, tokenizer_from=src.path, dtype="float32")
+            metrics["bytes"] = weight_bytes(w.path)
+            fmt, extra = "hf", {"logs": "logs"}
+        else:
+            adapter_dir = w.path / "adapter"
+            model.save_pretrained(adapter_dir, safe_serialization=True)
+        if cfg.method != "full" and cfg.merge:
             merged = _merge(src, model, adapter_dir, cfg)
             del model
-            merged_val, merged_test = val_test(merged.to(device))
+            merged_val, merged_test, merged_src = val_test(merged.to(device))
             rel = abs(merged_val - adapter_val) / adapter_val
             metrics.update(ppl_after=round(merged_val, 4), test_ppl_after=round(merged_test, 4),
                            merge_into=cfg.merge_into, merge_rel_diff=round(rel, 6))
+            if weights:
+                for n in merged_src:
+                    metrics["ppl_by_source"][n]["after"] = merged_src[n]
             if cfg.merge_into == "dequantized" and rel > 0.01:
                 raise ValidationFailed(f"the merged model's perplexity {merged_val:.4f} differs from the adapter "
                                        f"model's {adapter_val:.4f} by {rel:.2%} (> 1%)",
@@ -304,8 +461,10 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
             save_model(merged.to("cpu"), w.path, tokenizer_from=src.path, dtype="float32")
             metrics["bytes"] = weight_bytes(w.path)
             fmt, extra = "hf", {"adapter": "adapter", "logs": "logs"}
-        else:
+        elif cfg.method != "full":
             metrics["ppl_after"] = round(adapter_val, 4)
+            for n in adapter_src if weights else ():
+                metrics["ppl_by_source"][n]["after"] = adapter_src[n]
             fmt, extra = "lora-adapter", {"adapter": "adapter", "base_model_path": str(src.path), "logs": "logs"}
         cfg_dict = asdict(cfg)
         rec = stage_record("tune", cfg_dict, time.perf_counter() - t0, metrics, parent=src.digest())

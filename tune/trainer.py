@@ -58,11 +58,13 @@ class BatchOrder:
 
 
 def train(model, blocks: dict, cfg: TuneConfig, ckdir: Path, fp: str, accelerator, *, resume: bool,
-          on_step=None, log_dir: Path | None = None) -> TrainResult:
-    """Train the LoRA parameters of a peft `model` in place on blocks["train"]; returns what happened."""
+          on_step=None, log_dir: Path | None = None, val_fn=None) -> TrainResult:
+    """Train the trainable parameters of `model` (a peft model's LoRA weights, or those a full run left unfrozen)
+    in place on blocks["train"]; returns what happened. val_fn(model) -> validation perplexity replaces the default
+    (masked perplexity of blocks["validation"]), e.g. for a mix of sources."""
     import torch
 
-    from edgepack.tune.checkpoint import load_checkpoint, save_checkpoint
+    from edgepack.tune.checkpoint import load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
 
     torch.set_grad_enabled(True)  # edgepack.hf.load_model turns autograd off process-wide for inference
     train_ids, train_labels = blocks["train"]
@@ -84,11 +86,11 @@ def train(model, blocks: dict, cfg: TuneConfig, ckdir: Path, fp: str, accelerato
     order = BatchOrder(train_ids.shape[0], cfg.seed)
 
     def lora_state() -> dict:
-        from peft import get_peft_model_state_dict
-
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(accelerator.unwrap_model(model)).items()}
+        return trainable_state(accelerator.unwrap_model(model))
 
     def evaluate() -> float:
+        if val_fn is not None:
+            return val_fn(model)  # masked_perplexity restores train mode
         return masked_perplexity(model, val_ids, val_labels, cfg.batch_size, cfg.eval_blocks)
 
     if state["start_val_ppl"] is None:
@@ -161,9 +163,7 @@ def train(model, blocks: dict, cfg: TuneConfig, ckdir: Path, fp: str, accelerato
     if tb:
         tb.close()
     if best_lora is not None and state["best_step"] != state["step"]:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(accelerator.unwrap_model(model), best_lora)  # early stopping keeps the best
+        load_trainable_state(accelerator.unwrap_model(model), best_lora)  # early stopping keeps the best
     accelerator.wait_for_everyone()
     return TrainResult(state["step"], stopped, state["best_step"], state["best_val_ppl"], state["start_val_ppl"],
                        state["train_seconds"], state["train_cpu_seconds"], state["trained_tokens"], resumed_from,

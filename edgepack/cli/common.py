@@ -35,6 +35,11 @@ def headline(metrics: dict) -> str:
         elif key in (metrics or {}):
             v = metrics[key]
             parts.append(f"{label} {fmt_bytes(v) if key == 'bytes' else fmt_num(v)}")
+    task = (metrics or {}).get("task") or {}
+    if task.get("after"):
+        a = task["after"]
+        parts.append(f"task {task['metric']} {a['score']:.2f}" +
+                     (f" (drop {task['drop']:+.2f})" if task.get("drop") is not None else ""))
     if (metrics or {}).get("bundle_id"):
         fit = metrics.get("fit") or {}
         verdict = "" if not fit else (", fits (predicted)" if fit.get("fits") else ", DOES NOT FIT (predicted)")

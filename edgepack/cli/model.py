@@ -15,29 +15,114 @@ from edgepack.output import emit_json, fmt_bytes, print_table
 # -------------------------------------------------------------------------------------------------------- eval
 @click.command("eval")
 @click.argument("model")
-@config_option(EvalConfig, "text", required=True, type=click.Path(), help="UTF-8 text file to score.")
+@config_option(EvalConfig, "text", type=click.Path(), help="UTF-8 text file to score (perplexity).")
 @config_option(EvalConfig, "window", help="Tokens per window (capped at the model's context).")
 @config_option(EvalConfig, "stride", help="Tokens the window advances [default: window/2].")
 @config_option(EvalConfig, "max_tokens", help="Score at most this many tokens.")
+@config_option(EvalConfig, "task", type=click.Path(),
+               help="Task metrics on this file's held-out items (instruction / chat / choice JSONL, or a tune prepare folder).")
+@config_option(EvalConfig, "task_split", help="Which split of the task file (all: every record).")
+@config_option(EvalConfig, "task_seed", help="Seed of the task file's 8:1:1 split (tune's --data-seed).")
+@config_option(EvalConfig, "task_samples", help="Items scored (the first of the split).")
+@config_option(EvalConfig, "task_max_new_tokens", help="Generated tokens per item at most.")
+@config_option(EvalConfig, "task_metric", help="Metric compared with --baseline (auto: rougeL, or acc for choices).")
+@config_option(EvalConfig, "max_task_drop", help="With --baseline: exit 1 when the metric falls more than this (points).")
+@config_option(EvalConfig, "runtime", help="Runtime that generates [default: the artifact's own].")
+@config_option(EvalConfig, "threads", help="Runtime threads.")
+@click.option("--baseline", type=click.Path(), help="Measure this artifact too (same items) and report the drop.")
+@click.option("--save-outputs", type=click.Path(), help="Write every item's prompt, reference, answer and scores (JSONL).")
 @trust_opt
 @json_opt
-def eval_cmd(model, trust_pickle, as_json, **settings):
-    """Perplexity of MODEL (any artifact format) on a text, protocol edgepack-ppl-v1 (see docs in README)."""
+def eval_cmd(model, baseline, save_outputs, trust_pickle, as_json, **settings):
+    """Perplexity (edgepack-ppl-v1) and / or task metrics (edgepack-task-v1) of MODEL, any artifact format."""
     from edgepack.artifact import open_artifact
+    from edgepack.compress.eval_stage import measure
+    from edgepack.errors import ConfigError
     from edgepack.progress import progress
-    from edgepack.quality import evaluate_artifact
 
-    cfg = config_from(EvalConfig, settings, "eval", text=str(settings["text"]))
+    cfg = config_from(EvalConfig, settings, "eval", text=str(settings["text"] or ""), task=str(settings["task"] or ""))
+    if baseline and not cfg.task:
+        raise ConfigError("--baseline compares task metrics", "pass --task FILE too")
     art = open_artifact(model, trust_pickle=trust_pickle)
-    with progress("perplexity", enabled=not as_json) as update:
-        res = evaluate_artifact(art, cfg.text, cfg.protocol(), update)
+    base_summary = None
+    if baseline:
+        from edgepack.tasks import evaluate_task
+
+        with progress("task (baseline)", enabled=not as_json) as update:
+            base_summary = evaluate_task(open_artifact(baseline, trust_pickle=trust_pickle), cfg.task,
+                                         cfg.task_protocol(), runtime=None, threads=cfg.threads,
+                                         progress=update).summary
+    with progress("eval", enabled=not as_json) as update:
+        metrics, result = measure(art, _replace(cfg, max_task_drop=None) if baseline else cfg, update, note="")
+    if baseline:
+        from edgepack.tasks import compare
+
+        metrics["task"] = compare(base_summary, result.summary, None)
+    if save_outputs and result is not None:
+        from edgepack.tasks import write_outputs
+
+        write_outputs(result, save_outputs)
     if as_json:
-        emit_json(res.to_dict())
+        out = {k: v for k, v in metrics.items() if k != "protocol"}
+        if "perplexity" in metrics:
+            out.update(protocol=metrics["protocol"])
+        emit_json(out)
+    else:
+        _print_eval(model, metrics, baseline)
+    if baseline and cfg.max_task_drop is not None:
+        from edgepack.tasks import compare
+
+        compare(base_summary, result.summary, cfg.max_task_drop, note="")
+
+
+def _replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def _print_eval(model, metrics: dict, baseline) -> None:
+    if "perplexity" in metrics:
+        p = metrics["protocol"]
+        print_table(f"perplexity of {model}", ["perplexity", "tokens", "protocol", "text"],
+                    [[f"{metrics['perplexity']:.4f}", metrics["tokens"],
+                      f"{p['name']}: window {p['window']}, stride {p['stride']}, BOS {'once' if p['bos'] else 'no'}",
+                      f"{p['text']} (sha256 {p['text_sha256'][:12]})"]])
+    if "task" not in metrics:
         return
-    p = res.protocol
-    print_table(f"perplexity of {model}", ["perplexity", "tokens", "protocol", "text"],
-                [[f"{res.perplexity:.4f}", res.tokens, f"{p['name']}: window {p['window']}, stride {p['stride']}, BOS {'once' if p['bos'] else 'no'}",
-                  f"{p['text']} (sha256 {p['text_sha256'][:12]})"]])
+    t = metrics["task"]
+    after, before = t["after"], t.get("before")
+    pr = after["protocol"]
+
+    def cell(summary, group, key):
+        g = (summary or {}).get(group) or {}
+        if key not in g:
+            return "-"
+        se = g.get(f"{key}_stderr")
+        return f"{g[key]:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+    names = [("generation", "exact_match", "exact match"), ("generation", "f1", "token F1"),
+             ("generation", "rougeL", "ROUGE-L"), ("generation", "bleu", "BLEU"),
+             ("choice", "acc", "accuracy"), ("choice", "acc_norm", "accuracy (length-normalized)")]
+    rows = []
+    for group, key, label in names:
+        if key not in (after.get(group) or {}):
+            continue
+        row = [label + (" *" if key == t["metric"] else "")]
+        if before is not None:
+            row.append(cell(before, group, key))
+        row.append(cell(after, group, key))
+        if before is not None:
+            b, a = before[group][key], after[group][key]
+            row.append(f"{b - a:+.2f}" if key != t["metric"] else f"{t['drop']:+.2f} ± {t['drop_stderr'] or 0:.2f}")
+        rows.append(row)
+    cols = ["metric (x100)"] + (["baseline", str(model), "drop"] if before is not None else [str(model)])
+    g = after.get("generation") or {}
+    print_table(f"task quality: {pr['task']} ({pr['split']} split, {after['scored_items']} items, "
+                f"{pr['runtime']})", cols, rows,
+                caption=f"{pr['name']}: greedy, max {pr['max_new_tokens']} new tokens"
+                        + (f", {g['stopped_at_eos']}/{g['n']} stopped at EOS" if g else "")
+                        + "; ± = standard error; * = the gated metric" + (f"; baseline {baseline}" if baseline else ""))
 
 
 # ----------------------------------------------------------------------------------------------------- convert

@@ -49,6 +49,9 @@ def _set_threads(threads: int | None) -> None:
 @config_option(P, "calib_tokens", help="Calibration tokens used.")
 @config_option(P, "eval_max_tokens", help="Score at most this many held-out tokens.")
 @config_option(P, "max_ppl_ratio", help="Fail when perplexity after/before exceeds this.")
+@config_option(P, "task", type=click.Path(), help="Task file (held-out instruction / choice items): task metrics before/after.")
+@config_option(P, "task_samples", help="Task items scored.")
+@config_option(P, "max_task_drop", help="Fail (write nothing) when the task metric falls more than this (points).")
 @click.option("--target", "target_name", default=None, help="Target profile (records whether it runs 2:4 kernels).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (1 avoids oversubscription on a busy CPU).")
 @force_opt
@@ -106,6 +109,9 @@ def _parse_from_prune(spec: str) -> dict:
 @config_option(D, "holdout", help="Held-out fraction of --data.")
 @config_option(D, "teacher_cache", help="memory: float16 teacher logits cached per chunk; none: recompute.")
 @config_option(D, "threads", help="torch CPU threads.")
+@config_option(D, "task", type=click.Path(), help="Task file (held-out instruction / choice items): task metrics before/after.")
+@config_option(D, "task_samples", help="Task items scored.")
+@config_option(D, "max_task_drop", help="Fail (write nothing) when the task metric falls more than this (points).")
 @force_opt
 @json_opt
 def distill_cmd(teacher, student, from_prune, output, force, as_json, **settings):

@@ -36,6 +36,9 @@ Q = QuantizeConfig
 @config_option(Q, "max_ppl_increase", help="Fail (write nothing) when perplexity rises more than this (%).")
 @config_option(Q, "kd_steps", help="int4-gptq-kd: distillation steps after GPTQ.")
 @config_option(Q, "seed", help="int4-gptq-kd: seed of the distillation batch order.")
+@config_option(Q, "task", type=click.Path(), help="Task file (held-out instruction / choice items): task metrics before/after.")
+@config_option(Q, "task_samples", help="Task items scored.")
+@config_option(Q, "max_task_drop", help="Fail (write nothing) when the task metric falls more than this (points).")
 @force_opt
 @trust_opt
 @json_opt
@@ -45,7 +48,7 @@ def quantize_cmd(model, output, target_name, force, trust_pickle, as_json, **set
     from edgepack.compress.quantize import check_legal, quantize
     from edgepack.targets import load_target
 
-    cfg = config_from(QuantizeConfig, settings, "quantize")
+    cfg = config_from(QuantizeConfig, settings, "quantize", task=str(settings["task"] or ""))
     target = load_target(target_name) if target_name else None
     check_legal(cfg, target)  # before any weight loads
     check_output_dir(Path(output), force)
