@@ -13,7 +13,9 @@ Layout of a bundle (a directory, or the same tree in a .tar):
 
 The bundle id is "<artifact name>-<target>-<12 hex of the content digest>", so building the same bundle twice gives
 the same id, and a push of an unchanged bundle sends nothing. bundle.json is not part of the digest (it holds the
-creation time). Unpacking a .tar refuses absolute paths, `..`, links that leave the bundle and device files.
+creation time). Reading a bundle (a directory or a .tar) accepts only the regular files bundle.json lists, each with
+its size and sha256, and cross-checks bundle.json against SHA256SUMS and the digest in the bundle id; a .tar is
+unpacked by our own code (never tarfile's extractor), after every member header passed the checks.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,86 +283,272 @@ so it starts at boot). Check the files: `cd {base}/current && sha256sum -c --qui
 
 
 # --------------------------------------------------------------------------------------------------- reading
+MAX_MEMBERS = 10_000  # files + directories a bundle may hold (a model, its tokenizer and a few small files)
+MAX_BUNDLE_BYTES = 1 << 40  # total unpacked bytes a bundle may claim (1 TiB); free disk space is checked too
+MAX_MANIFEST_BYTES = 64 << 20  # bundle.json itself
+UNLISTED_DIRS = ("engine-cache",)  # written on the device by `edgepack device prepare` (tensorrt_runtime)
+_BUNDLE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_DAMAGED = "the bundle is damaged or was not made by edgepack; rebuild it"
+
+
+def check_bundle_id(bundle_id) -> str:
+    """A bundle id is one safe directory name (letters, digits, '.', '_', '-'; never '.', '..' or hidden)."""
+    if not isinstance(bundle_id, str) or not _BUNDLE_ID_RE.match(bundle_id):
+        raise ArtifactError(f"{bundle_id!r} is not a bundle id",
+                            "ids start with a letter or digit and hold only letters, digits, '.', '_' and '-'")
+    return bundle_id
+
+
+def check_manifest(m, where) -> dict:
+    """bundle.json's shape: a bundle id, and a files table of {relative path: {"sha256", "bytes"}}."""
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or "bundle_id" not in m:
+        raise ArtifactError(f"{where} has no bundle_id or files table", _DAMAGED)
+    if not isinstance(m.get("schema_version", 0), int):
+        raise ArtifactError(f"{where}: schema_version is not a number", _DAMAGED)
+    if m.get("schema_version", 0) > BUNDLE_SCHEMA:
+        raise ArtifactError(f"{where} has schema {m['schema_version']}, newer than this edgepack knows", "upgrade edgepack")
+    check_bundle_id(m["bundle_id"])
+    if len(m["files"]) > MAX_MEMBERS:
+        raise ArtifactError(f"{where} lists {len(m['files'])} files, more than a bundle may hold ({MAX_MEMBERS})",
+                            _DAMAGED)
+    for name, meta in m["files"].items():
+        _check_member_name(name)
+        if name == BUNDLE_MANIFEST or not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) \
+                or not _SHA_RE.match(meta["sha256"]) or type(meta.get("bytes")) is not int or meta["bytes"] < 0:
+            raise ArtifactError(f"{where}: the entry for '{name}' is not {{\"sha256\": 64 hex, \"bytes\": n >= 0}}",
+                                _DAMAGED)
+    if sum(meta["bytes"] for meta in m["files"].values()) > MAX_BUNDLE_BYTES:
+        raise ArtifactError(f"{where} claims more than {MAX_BUNDLE_BYTES >> 30} GiB of files", _DAMAGED)
+    return m
+
+
 def read_bundle_manifest(root: Path) -> dict:
     p = Path(root) / BUNDLE_MANIFEST
-    if not p.is_file():
+    if not p.is_file() or p.is_symlink():
         raise ArtifactError(f"'{root}' is not a bundle: it has no {BUNDLE_MANIFEST}",
                             "make one with 'edgepack bundle ARTIFACT --target T -o OUT'")
-    m = load_json(p, "the bundle is damaged; rebuild it")
-    if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or "bundle_id" not in m:
-        raise ArtifactError(f"{p} has no bundle_id or files table", "the bundle is damaged; rebuild it")
-    if m.get("schema_version", 0) > BUNDLE_SCHEMA:
-        raise ArtifactError(f"{p} has schema {m['schema_version']}, newer than this edgepack knows", "upgrade edgepack")
-    for name in m["files"]:
-        _check_member_name(name)
-    return m
+    if p.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{p} is larger than {MAX_MANIFEST_BYTES >> 20} MiB", _DAMAGED)
+    return check_manifest(load_json(p, _DAMAGED), p)
 
 
 def verify_bundle(root: Path) -> dict:
-    """Check every file of a bundle directory against bundle.json; returns the manifest."""
+    """Check a bundle directory against bundle.json; returns the manifest. Every listed file must be a regular file
+    (never a link) with its size and sha256, nothing else may be there (only the device's own engine-cache/), and
+    bundle.json must agree with SHA256SUMS, with the content digest in the bundle id, and keep runtime.json's paths
+    inside the bundle."""
+    from edgepack.facts import read_runtime_json
+
     root = Path(root)
     m = read_bundle_manifest(root)
-    bad = [n for n, meta in m["files"].items()
-           if not (root / n).is_file() or (root / n).stat().st_size != meta["bytes"]
-           or sha256_file(root / n) != meta["sha256"]]
+    bad = []
+    for n, meta in m["files"].items():
+        p = root / n
+        if not _regular_inside(root, p) or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+            bad.append(n)
     if bad:
         raise ArtifactError(f"bundle '{root}': {len(bad)} file(s) missing or not matching bundle.json: "
                             + ", ".join(sorted(bad)[:5]), "rebuild the bundle or copy it again")
+    extra = sorted(n for n in _tree(root) if n not in m["files"] and n != BUNDLE_MANIFEST
+                   and n.split("/", 1)[0] not in UNLISTED_DIRS)
+    if extra:
+        raise ArtifactError(f"bundle '{root}': {len(extra)} file(s) or link(s) not listed in bundle.json: "
+                            + ", ".join(extra[:5]), "refusing it: a bundle holds only the files it lists; rebuild it")
+    _cross_check(m, root, read_runtime_json(root) if "runtime.json" in m["files"] else {})
     return m
 
 
-def _check_member_name(name: str) -> None:
-    parts = name.replace("\\", "/").split("/")
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts or "\0" in name:
-        raise ArtifactError(f"unsafe path '{name}' in bundle (absolute or leaving the bundle)",
+def _regular_inside(root: Path, p: Path) -> bool:
+    """p is a regular file reached from root without any symbolic link on the way."""
+    cur = root
+    for part in p.relative_to(root).parts:
+        cur = cur / part
+        if cur.is_symlink() or not cur.exists():
+            return False
+    return cur.is_file()
+
+
+def _tree(root: Path) -> list[str]:
+    """Every non-directory entry under root (links included, never followed), as posix paths relative to root."""
+    out = []
+    for dirpath, dirs, files in os.walk(root, followlinks=False):
+        rel = Path(dirpath).relative_to(root)
+        out += [(rel / f).as_posix() for f in files]
+        out += [(rel / d).as_posix() for d in dirs if (Path(dirpath) / d).is_symlink()]
+    return out
+
+
+def _cross_check(m: dict, where, rcfg: dict) -> None:
+    """What bundle.json says against what the rest of the bundle says about itself (made by make_bundle)."""
+    files = m["files"]
+    if "SHA256SUMS" in files:
+        sums = {}
+        for line in Path(where, "SHA256SUMS").read_bytes().decode(errors="replace").splitlines():
+            h, sep, name = line.partition("  ")
+            if not sep or not _SHA_RE.match(h):
+                raise ArtifactError(f"bundle '{where}': SHA256SUMS has a malformed line", _DAMAGED)
+            sums[name] = h
+        want = {n: meta["sha256"] for n, meta in files.items() if n != "SHA256SUMS"}
+        if sums != want:
+            diff = sorted(set(sums.items()) ^ set(want.items()))
+            raise ArtifactError(f"bundle '{where}': bundle.json and SHA256SUMS disagree about "
+                                + ", ".join(sorted({n for n, _ in diff})[:5]),
+                                "refusing it: the bundle was tampered with; rebuild it")
+    digest = m["bundle_id"].rsplit("-", 1)[-1]
+    content = {n: meta for n, meta in files.items() if n not in ("README.md", "SHA256SUMS")}
+    if re.fullmatch(r"[0-9a-f]{12}", digest) and files_digest(content)[:12] != digest:
+        raise ArtifactError(f"bundle '{where}': its files do not hash to the digest in its id {m['bundle_id']}",
+                            "refusing it: the bundle was tampered with; rebuild it")
+    tok = rcfg.get("tokenizer", "artifact")
+    if not isinstance(tok, str) or not tok or tok.startswith("/") or any(p in ("", ".", "..") for p in tok.split("/")) \
+            or not any(n.startswith(tok + "/") for n in files):
+        raise ArtifactError(f"bundle '{where}': runtime.json names tokenizer {tok!r}, which is not a folder of the "
+                            "bundle", "refusing it: every path a bundle names stays inside it; rebuild the bundle")
+
+
+def _check_member_name(name) -> None:
+    ok = isinstance(name, str) and 0 < len(name) < 4096 and not name.startswith("/") \
+        and not re.search(r"[\x00-\x1f\x7f\\]", name) and not re.match(r"^[A-Za-z]:", name)
+    if not ok or any(part in ("", ".", "..") for part in name.split("/")):
+        raise ArtifactError(f"unsafe path {name!r} in bundle (absolute, leaving the bundle, or not a plain name)",
                             "refusing to unpack it; the bundle was not made by edgepack or was tampered with")
 
 
-def unpack_bundle(tar_path, dest) -> Path:
-    """Unpack a bundle .tar into `dest` (created, must be empty) after checking every member; verifies checksums.
+def _scan_tar(tf: tarfile.TarFile, tar_path) -> list[tarfile.TarInfo]:
+    """Every member header, refusing links, devices, odd names and duplicates, capped in count and total size
+    before a single byte is extracted."""
+    members, seen, total = [], set(), 0
+    while True:
+        m = tf.next()
+        if m is None:
+            return members
+        name = m.name[:-1] if m.isdir() and m.name.endswith("/") else m.name
+        _check_member_name(name)
+        if m.issym() or m.islnk():
+            raise ArtifactError(f"bundle member '{name}' is a link ({m.linkname})",
+                                "refusing to unpack it; bundles hold only regular files")
+        if m.isdev() or m.isfifo():
+            raise ArtifactError(f"bundle member '{name}' is a device file or FIFO",
+                                "refusing to unpack it; bundles hold only regular files")
+        if not (m.isfile() or m.isdir()):
+            raise ArtifactError(f"bundle member '{name}' is not a regular file", "refusing to unpack it")
+        if name in seen:
+            raise ArtifactError(f"bundle member '{name}' appears twice", "refusing to unpack it; " + _DAMAGED)
+        seen.add(name)
+        total += m.size
+        members.append(m)
+        if len(members) > MAX_MEMBERS or total > MAX_BUNDLE_BYTES:
+            raise ArtifactError(f"'{tar_path}' holds more than {MAX_MEMBERS} members or {MAX_BUNDLE_BYTES >> 30} GiB",
+                                "refusing to unpack it; " + _DAMAGED)
 
-    Refused: absolute names, `..`, links (symbolic or hard) whose target leaves the bundle, device files, FIFOs."""
+
+def unpack_bundle(tar_path, dest) -> Path:
+    """Unpack a bundle .tar into `dest` (created, must be empty); returns it verified.
+
+    Every member header is checked first (count, total size, names, types), then bundle.json is read from the tar,
+    and only the regular files it lists, with exactly the listed sizes, are written -- by this function, never by
+    tarfile's extractor, each checked against its sha256 as it is written. Links of any kind, device files, FIFOs
+    and unlisted members are refused. On any failure `dest` is removed."""
     tar_path, dest = Path(tar_path), Path(dest)
     check_output_dir(dest, False)
     try:
-        tf = tarfile.open(tar_path)
-    except (tarfile.TarError, OSError) as exc:
-        raise ArtifactError(f"'{tar_path}' is not a readable tar ({exc})", "copy the bundle again") from None
-    with tf:
-        members = tf.getmembers()
-        root = dest.resolve()
-        for m in members:
-            _check_member_name(m.name)
-            if m.isdev() or m.isfifo():
-                raise ArtifactError(f"bundle member '{m.name}' is a device file or FIFO",
-                                    "refusing to unpack it; bundles hold only regular files")
-            if m.issym() or m.islnk():
-                base = (root / m.name).parent if m.issym() else root
-                target = os.path.normpath(os.path.join(base, m.linkname))
-                if m.linkname.startswith("/") or not (target == str(root) or target.startswith(str(root) + os.sep)):
-                    raise ArtifactError(f"bundle member '{m.name}' links outside the bundle ({m.linkname})",
-                                        "refusing to unpack it; the bundle was tampered with")
-            elif not (m.isfile() or m.isdir()):
-                raise ArtifactError(f"bundle member '{m.name}' is not a regular file", "refusing to unpack it")
-        dest.mkdir(parents=True, exist_ok=True)
-        try:
-            tf.extractall(dest, members=members, filter="data")  # the stdlib's own checks, on top of ours
-            verify_bundle(dest)
-        except (ArtifactError, tarfile.TarError, OSError) as exc:
-            shutil.rmtree(dest, ignore_errors=True)  # nothing half-trusted stays behind
-            if isinstance(exc, ArtifactError):
+        with tarfile.open(tar_path) as tf:
+            members = _scan_tar(tf, tar_path)
+            by_name = {m.name.rstrip("/"): m for m in members}
+            mm = by_name.get(BUNDLE_MANIFEST)
+            if mm is None or not mm.isfile() or mm.size > MAX_MANIFEST_BYTES:
+                raise ArtifactError(f"'{tar_path}' is not a bundle: it has no {BUNDLE_MANIFEST}",
+                                    "make one with 'edgepack bundle ARTIFACT --target T -o OUT'")
+            try:
+                manifest = json.loads(tf.extractfile(mm).read())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ArtifactError(f"{tar_path}: {BUNDLE_MANIFEST} is not valid JSON ({exc})", _DAMAGED) from None
+            files = check_manifest(manifest, f"{tar_path}: {BUNDLE_MANIFEST}")["files"]
+            dirs = {"/".join(n.split("/")[:i]) for n in files for i in range(1, n.count("/") + 1)}
+            for name, m in by_name.items():
+                if name == BUNDLE_MANIFEST:
+                    continue
+                if m.isdir() and name in dirs:
+                    continue
+                if name not in files or not m.isfile():
+                    raise ArtifactError(f"bundle member '{name}' is not listed in {BUNDLE_MANIFEST}",
+                                        "refusing to unpack it: a bundle holds only the files it lists")
+                if m.size != files[name]["bytes"]:
+                    raise ArtifactError(f"bundle member '{name}' is {m.size} bytes, {BUNDLE_MANIFEST} says "
+                                        f"{files[name]['bytes']}", "refusing to unpack it; copy the bundle again")
+            missing = sorted(set(files) - set(by_name))
+            if missing:
+                raise ArtifactError(f"bundle '{tar_path}': {len(missing)} file(s) missing or not matching "
+                                    f"bundle.json: " + ", ".join(missing[:5]), "rebuild the bundle or copy it again")
+            need = sum(meta["bytes"] for meta in files.values()) + mm.size
+            free = shutil.disk_usage(_existing_parent(dest)).free
+            if need > free:
+                raise ArtifactError(f"unpacking '{tar_path}' needs {need / 1e6:,.1f} MB, {dest.parent} has "
+                                    f"{free / 1e6:,.1f} MB free", "free disk space, or unpack it elsewhere")
+            dest.mkdir(parents=True, exist_ok=True)
+            try:
+                for m in members:
+                    name = m.name.rstrip("/")
+                    if m.isfile():
+                        _write_member(tf, m, dest, name, None if name == BUNDLE_MANIFEST else files[name]["sha256"])
+                verify_bundle(dest)
+                return dest
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)  # nothing half-trusted stays behind
                 raise
-            raise ArtifactError(f"cannot unpack '{tar_path}': {exc}", "copy the bundle again") from None
-    return dest
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise ArtifactError(f"'{tar_path}' is not a readable bundle tar ({type(exc).__name__}: {exc})",
+                            "copy the bundle again") from None
+
+
+def _existing_parent(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def _write_member(tf: tarfile.TarFile, m: tarfile.TarInfo, dest: Path, name: str, sha: str | None) -> None:
+    """Write one regular file under dest: parents made here (never through a link), the file created exclusively
+    without following links, its bytes hashed on the way and compared with the listed sha256."""
+    import hashlib
+
+    parent = dest
+    for part in name.split("/")[:-1]:
+        parent = parent / part
+        if not parent.exists():
+            parent.mkdir()
+        if parent.is_symlink() or not parent.is_dir():
+            raise ArtifactError(f"bundle member '{name}' would be written through a link", "refusing to unpack it")
+    fd = os.open(parent / name.rsplit("/", 1)[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    h, left = hashlib.sha256(), m.size
+    with os.fdopen(fd, "wb") as out, tf.extractfile(m) as src:
+        while left:
+            chunk = src.read(min(left, 1 << 20))
+            if not chunk:
+                raise ArtifactError(f"bundle member '{name}' is truncated", "copy the bundle again")
+            h.update(chunk)
+            out.write(chunk)
+            left -= len(chunk)
+    if sha is not None and h.hexdigest() != sha:
+        raise ArtifactError(f"bundle '{dest}': 1 file(s) missing or not matching bundle.json: {name}",
+                            "rebuild the bundle or copy it again")
 
 
 def open_bundle(path, workdir=None) -> Path:
-    """A verified bundle directory from a bundle directory or .tar (unpacked under `workdir` or a temp dir)."""
+    """A verified bundle directory from a bundle directory or .tar (unpacked under `workdir` or a temp dir, which
+    is removed again when the bundle is refused)."""
     path = Path(path)
     if path.is_dir():
         verify_bundle(path)
         return path
     if not path.is_file():
         raise ArtifactError(f"bundle '{path}' does not exist", "check the path")
-    dest = Path(workdir or tempfile.mkdtemp(prefix="edgepack-bundle-")) / "bundle"
-    return unpack_bundle(path, dest)
+    tmp = None if workdir else tempfile.mkdtemp(prefix="edgepack-bundle-")
+    try:
+        return unpack_bundle(path, Path(workdir or tmp) / "bundle")
+    except BaseException:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise

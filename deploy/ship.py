@@ -33,7 +33,6 @@ from edgepack.errors import ConfigError, EdgepackError, ValidationFailed
 
 DEFAULT_DEST = "edgepack"
 DEFAULT_KEEP = 3  # releases kept on the device (the active one always is)
-_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 class RemoteError(EdgepackError):
@@ -176,9 +175,9 @@ def dest_sh(dest: str) -> str:
 
 
 def _check_id(bundle_id: str) -> str:
-    if not _ID_RE.match(bundle_id):
-        raise ConfigError(f"'{bundle_id}' is not a bundle id", "ids are letters, digits, '.', '_' and '-'")
-    return bundle_id
+    from edgepack.deploy.bundle import check_bundle_id
+
+    return check_bundle_id(bundle_id)
 
 
 # ------------------------------------------------------------------------------------------------ device state

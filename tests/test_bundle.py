@@ -133,11 +133,12 @@ def _member(tf, name, data=b"x", **kw):
     ("absolute path", lambda tf: _member(tf, "/tmp/edgepack-evil"), "unsafe path"),
     ("dot-dot", lambda tf: _member(tf, "artifact/../../evil"), "unsafe path"),
     ("symlink out", lambda tf: _member(tf, "artifact/link", type=tarfile.SYMTYPE, linkname="../../etc/passwd"),
-     "links outside"),
-    ("absolute symlink", lambda tf: _member(tf, "link", type=tarfile.SYMTYPE, linkname="/etc/passwd"), "links outside"),
-    ("hard link out", lambda tf: _member(tf, "hl", type=tarfile.LNKTYPE, linkname="../outside"), "links outside"),
+     "is a link"),
+    ("absolute symlink", lambda tf: _member(tf, "link", type=tarfile.SYMTYPE, linkname="/etc/passwd"), "is a link"),
+    ("hard link out", lambda tf: _member(tf, "hl", type=tarfile.LNKTYPE, linkname="../outside"), "is a link"),
     ("char device", lambda tf: _member(tf, "dev", type=tarfile.CHRTYPE, devmajor=1, devminor=3), "device file"),
     ("fifo", lambda tf: _member(tf, "pipe", type=tarfile.FIFOTYPE), "device file or FIFO"),
+    ("newline in a name", lambda tf: _member(tf, "artifact/a\nb"), "unsafe path"),
 ])
 def test_hostile_tars_are_refused_before_anything_is_written(tmp_path, what, add, needle):
     tar = _tar_with(tmp_path / "evil.tar", add)
@@ -145,6 +146,145 @@ def test_hostile_tars_are_refused_before_anything_is_written(tmp_path, what, add
     with pytest.raises(ArtifactError, match=needle):
         unpack_bundle(tar, dest)
     assert not dest.exists() and not (tmp_path.parent / "evil").exists()
+
+
+@pytest.fixture(scope="module")
+def good_dir(stories, tmp_path_factory):
+    return make_bundle(stories, load_target("cpu-x86-64"), tmp_path_factory.mktemp("good") / "b")
+
+
+def _retar(src_dir, out, extra=None, skip=(), order=None):
+    """A tar of a bundle directory as make_bundle writes it, plus `extra(tf)` members."""
+    with tarfile.open(out, "w:gz" if out.name.endswith("gz") else "w") as tf:
+        for p in sorted(src_dir.rglob("*")):
+            rel = p.relative_to(src_dir).as_posix()
+            if rel not in skip:
+                tf.add(p, arcname=rel, recursive=False)
+        if extra:
+            extra(tf)
+    return out
+
+
+def _tampered(good_dir, tmp_path, edit, *, sums=True, reid=True, after=None):
+    """A copy of the bundle with `edit(dir)` applied, then bundle.json's table (and, if asked, SHA256SUMS and the
+    id's digest) recomputed: what an attacker who knows the format would make."""
+    from edgepack.artifact import files_digest, hash_files
+
+    d = tmp_path / "t"
+    shutil.copytree(good_dir, d)
+    edit(d)
+    if sums:
+        table = {n: m for n, m in hash_files(d).items() if n not in ("bundle.json", "SHA256SUMS")}
+        (d / "SHA256SUMS").write_text("".join(f"{m['sha256']}  {n}\n" for n, m in sorted(table.items())))
+    m = json.loads((d / "bundle.json").read_text())
+    m["files"] = {n: meta for n, meta in hash_files(d).items() if n != "bundle.json"}
+    if reid:
+        content = {n: meta for n, meta in m["files"].items() if n not in ("README.md", "SHA256SUMS")}
+        m["bundle_id"] = m["bundle_id"].rsplit("-", 1)[0] + "-" + files_digest(content)[:12]
+    (d / "bundle.json").write_text(json.dumps(m))
+    if after:
+        after(d)
+    return d
+
+
+def _flip_weights(d):
+    p = d / "artifact" / "model.safetensors"
+    b = bytearray(p.read_bytes())
+    b[-100] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
+def _chain(tf):
+    """d0 -> ., d1 -> d0/d0 ... and a file written through the chain (the PATH_MAX / realpath trick's shape)."""
+    _member(tf, "d0", type=tarfile.SYMTYPE, linkname=".")
+    for i in range(1, 10):
+        _member(tf, f"d{i}", type=tarfile.SYMTYPE, linkname=f"d{i - 1}/" * 3)
+    _member(tf, "d9/y", type=tarfile.SYMTYPE, linkname="../" * 12 + "etc/hostname")
+
+
+def _set_manifest(d, **kw):
+    m = json.loads((d / "bundle.json").read_text())
+    for k, v in kw.items():
+        if callable(v):
+            v(m)
+        else:
+            m[k] = v
+    (d / "bundle.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("what,make,needle", [
+    ("unlisted chat template", lambda g, t: _retar(g, t / "x.tar", lambda tf: _member(
+        tf, "artifact/chat_template.jinja", b"{{ 'pwned' }}")), "not listed in bundle.json"),
+    ("internal symlink chain", lambda g, t: _retar(g, t / "x.tar", _chain), "is a link"),
+    ("hard link inside", lambda g, t: _retar(g, t / "x.tar", lambda tf: _member(
+        tf, "artifact/w2", type=tarfile.LNKTYPE, linkname="artifact/model.safetensors")), "is a link"),
+    ("duplicate member", lambda g, t: _retar(g, t / "x.tar", lambda tf: _member(tf, "README.md", b"other")),
+     "appears twice"),
+    ("missing listed file", lambda g, t: _retar(g, t / "x.tar", skip=("artifact/config.json",)), "missing"),
+    ("truncated tar", lambda g, t: _truncate(_retar(g, t / "x.tar"), 0.5), "not a readable bundle tar"),
+    ("truncated tar.gz", lambda g, t: _truncate(_retar(g, t / "x.tar.gz"), 0.5), "not a readable bundle tar"),
+    ("weights + bundle.json tampered", lambda g, t: _retar(_tampered(g, t, _flip_weights, sums=False, reid=False),
+                                                           t / "x.tar"), "bundle.json and SHA256SUMS disagree"),
+    ("weights + bundle.json + SHA256SUMS tampered", lambda g, t: _retar(
+        _tampered(g, t, _flip_weights, reid=False), t / "x.tar"), "do not hash to the digest in its id"),
+    ("absolute tokenizer path", lambda g, t: _retar(_tampered(g, t, lambda d: (d / "runtime.json").write_text(
+        json.dumps({**json.loads((d / "runtime.json").read_text()), "tokenizer": "/usr/share"}))), t / "x.tar"),
+     "not a folder of the bundle"),
+    ("bundle id '..'", lambda g, t: _retar(_tampered(g, t, bool, after=lambda d: _set_manifest(d, bundle_id="..")),
+                                           t / "x.tar"), "is not a bundle id"),
+    ("bundle id '.'", lambda g, t: _retar(_tampered(g, t, bool, after=lambda d: _set_manifest(d, bundle_id=".")),
+                                          t / "x.tar"), "is not a bundle id"),
+    ("file entry is a string", lambda g, t: _retar(_tampered(g, t, bool, after=lambda d: _set_manifest(
+        d, files=lambda m: m["files"].update({"README.md": "abc"}))), t / "x.tar"),
+     "entry for 'README.md' is not"),
+])
+def test_hostile_bundle_corpus_is_refused_and_leaves_nothing(good_dir, tmp_path, what, make, needle):
+    tar = make(good_dir, tmp_path)
+    work = tmp_path / "w"
+    with pytest.raises(ArtifactError, match=needle):
+        open_bundle(tar, work)
+    assert not (work / "bundle").exists()
+    r = CliRunner().invoke(cli, ["push", str(tar), "nohost-never-contacted"])  # the CLI: one line, no traceback
+    assert r.exit_code == 1 and r.output.startswith("error: ") and "Traceback" not in r.output, r.output
+
+
+def _truncate(p, frac):
+    data = p.read_bytes()
+    p.write_bytes(data[:int(len(data) * frac)])
+    return p
+
+
+def test_member_count_and_size_caps_hold_before_extracting(good_dir, tmp_path, monkeypatch):
+    import edgepack.deploy.bundle as b
+
+    many = _retar(good_dir, tmp_path / "many.tar", lambda tf: [_member(tf, f"junk/{i}", b"") for i in range(60)])
+    monkeypatch.setattr(b, "MAX_MEMBERS", 40)
+    with pytest.raises(ArtifactError, match="more than 40 members"):
+        unpack_bundle(many, tmp_path / "u1")
+    monkeypatch.setattr(b, "MAX_MEMBERS", 10_000)
+    monkeypatch.setattr(b, "MAX_BUNDLE_BYTES", 100_000)  # the weights alone are 1,044,992 bytes
+    with pytest.raises(ArtifactError, match="more than"):
+        unpack_bundle(_retar(good_dir, tmp_path / "big.tar.gz"), tmp_path / "u2")
+    assert not (tmp_path / "u1").exists() and not (tmp_path / "u2").exists()
+
+
+def test_bundle_directories_are_held_to_the_same_rules(good_dir, tmp_path):
+    d = tmp_path / "d"
+    shutil.copytree(good_dir, d)
+    verify_bundle(d)
+    (d / "artifact" / "chat_template.jinja").write_text("{{ 'pwned' }}")
+    with pytest.raises(ArtifactError, match="not listed in bundle.json: artifact/chat_template.jinja"):
+        verify_bundle(d)
+    (d / "artifact" / "chat_template.jinja").unlink()
+    os.symlink("/etc", d / "tokenizer")
+    with pytest.raises(ArtifactError, match="not listed in bundle.json: tokenizer"):
+        verify_bundle(d)
+    (d / "tokenizer").unlink()
+    w = d / "artifact" / "model.safetensors"
+    w.rename(d / "w")
+    os.symlink(d / "w", w)  # a listed file that is a link: refused even though its bytes match
+    with pytest.raises(ArtifactError, match="not matching bundle.json: artifact/model.safetensors"):
+        verify_bundle(d)
 
 
 def test_tampered_bundle_file_is_detected(stories, tmp_path):
