@@ -12,6 +12,7 @@ Layout on the device, under DEST (default ~/edgepack):
     releases/.incoming-<bundle id>/  a push in progress; survives an interruption so the next push resumes
     current -> releases/<bundle id>  switched atomically (ln -s to a temporary name, then mv -T over `current`)
     .history                         activated bundle ids, oldest first (rollback walks it backwards)
+    .lock/owner                      held by one push or rollback at a time (see DeviceLock)
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import io
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,10 @@ from edgepack.errors import ConfigError, EdgepackError, ValidationFailed
 
 DEFAULT_DEST = "edgepack"
 DEFAULT_KEEP = 3  # releases kept on the device (the active one always is)
+LOCK_WAIT_S = 120  # how long a push or rollback waits for another one's device lock before giving up
+LOCK_STALE_S = 90  # a lock whose holder has not touched it for this long is dead (its client was killed): taken over
+LOCK_HEARTBEAT_S = 15  # while a transfer runs, the device side touches the lock this often
+interrupted = threading.Event()  # set on Ctrl-C (for_each_host): pushes stop before activating anything
 
 
 class RemoteError(EdgepackError):
@@ -229,6 +235,60 @@ def verify_on_device(remote: Remote, dest: str, rel_dir: str, files: dict) -> li
     return sorted(n for n, meta in files.items() if got.get(n) != meta["sha256"])
 
 
+# ------------------------------------------------------------------------------------------------- device lock
+class DeviceLock:
+    """One push or rollback at a time on a device: `mkdir DEST/.lock` (atomic on every POSIX filesystem, and needs
+    no flock binary), with the holder's token in .lock/owner. Every later command of the holder checks the token
+    (`self.held`, a shell prefix) and touches the lock; a lock untouched for LOCK_STALE_S seconds belongs to a client
+    that died (kill -9, lost link) and is taken over. Released on exit, also after an error."""
+
+    def __init__(self, remote: Remote, dest: str, wait_s: float | None = None):
+        self.remote, self.d, self.wait_s = remote, dest_sh(dest), LOCK_WAIT_S if wait_s is None else wait_s
+        self.token = f"{uuid.uuid4().hex} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+        q = shlex.quote(self.token)
+        self.held = (f'cd {self.d} || exit 3\n[ "$(cat .lock/owner 2>/dev/null)" = {q} ] || '
+                     '{ echo "edgepack: lost the device lock (.lock) to another push" >&2; exit 76; }\ntouch .lock\n')
+
+    def __enter__(self) -> DeviceLock:
+        tries = max(1, int(self.wait_s * 5))
+        r = self.remote.run(f"""mkdir -p {self.d} && cd {self.d} || exit 3
+i=0
+while ! mkdir .lock 2>/dev/null; do
+  now=$(date +%s); seen=$(stat -c %Y .lock 2>/dev/null || echo "$now")
+  if [ $((now - seen)) -gt {LOCK_STALE_S} ]; then
+    mv .lock .lock.stale.$$ 2>/dev/null && rm -rf .lock.stale.$$ && echo "took over a stale lock" >&2
+    continue
+  fi
+  i=$((i + 1)); [ $i -ge {tries} ] && {{ echo "held by: $(cat .lock/owner 2>/dev/null)" >&2; exit 75; }}
+  sleep 0.2
+done
+printf '%s\n' {shlex.quote(self.token)} > .lock/owner""", check=False, timeout=self.wait_s + 60)
+        if r.returncode == 75:
+            raise RemoteError(f"{self.remote.spec}: another push or rollback holds the device lock ({_last(r)}) and did "
+                              f"not finish within {self.wait_s:.0f} s", "wait for it and retry; a lock whose client "
+                              f"died is taken over after {LOCK_STALE_S} s")
+        if r.returncode != 0:
+            raise ssh_error(self.remote.spec, r.returncode, r.stderr.decode(errors="replace"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.remote.run(f'cd {self.d} && [ "$(cat .lock/owner 2>/dev/null)" = {shlex.quote(self.token)} ] && '
+                            "rm -rf .lock; exit 0", check=False, timeout=60)
+        except RemoteError:
+            pass  # the link is gone: the lock goes stale and is taken over after LOCK_STALE_S
+
+
+def _last(r: subprocess.CompletedProcess) -> str:
+    return " ".join(r.stderr.decode(errors="replace").strip().splitlines()[-1:]).removeprefix("held by: ")
+
+
+def _check_stop(res: PushResult) -> None:
+    if interrupted.is_set():
+        raise RemoteError(f"{res.host}: interrupted after {res.files_sent} file(s); the release was NOT activated",
+                          "push again to resume: files that arrived whole are not sent again")
+
+
 # ------------------------------------------------------------------------------------------------------- push
 @dataclass
 class PushResult:
@@ -260,14 +320,17 @@ def push_bundle(bundle_dir, remote: Remote, dest: str = DEFAULT_DEST, keep: int 
     bid = _check_id(manifest["bundle_id"])
     files = dict(manifest["files"])
     files[BUNDLE_MANIFEST] = {"sha256": _sha(bundle_dir / BUNDLE_MANIFEST), "bytes": (bundle_dir / BUNDLE_MANIFEST).stat().st_size}
-    d = dest_sh(dest)
+    with DeviceLock(remote, dest) as lock:
+        return _push_locked(bundle_dir, remote, dest, keep, on_file, files, bid, lock, t0)
+
+
+def _push_locked(bundle_dir, remote, dest, keep, on_file, files, bid, lock, t0) -> PushResult:
     staging = f"releases/.incoming-{bid}"
     # 1. one probe: device state, and for each file the sha256 of the copy the device already has -- in the staging
     #    dir of an interrupted push, else in the same release (a repair), else in the active release (unchanged files)
     quoted = " ".join(shlex.quote(n) for n in files)
-    out = remote.run(f"""set -e
-mkdir -p {d}/{staging}
-cd {d}
+    out = remote.run(f"""{lock.held}set -e
+mkdir -p {staging}
 echo "current=$(readlink current 2>/dev/null || true)"
 [ -f .history ] && sed 's/^/history=/' .history
 ls -1A releases | sed 's/^/release=/'
@@ -294,7 +357,7 @@ exit 0""").stdout.decode(errors="replace")
             else:
                 seeds[name] = src
     if state["current"] == bid and not have and seeds == {n: f"releases/{bid}" for n in files}:
-        remote.run(f"cd {d} && rm -rf {staging}")  # already running exactly this bundle, every file verified
+        remote.run(f"{lock.held}rm -rf {staging}")  # already running exactly this bundle, every file verified
         res.ok, res.already_active, res.files_reused = True, True, len(files)
         res.seconds = time.perf_counter() - t0
         return res
@@ -302,7 +365,7 @@ exit 0""").stdout.decode(errors="replace")
         cmds = [f"mkdir -p {shlex.quote(str(Path(staging, n).parent))} && rm -f {shlex.quote(f'{staging}/{n}')} && "
                 f"(ln {shlex.quote(f'{src}/{n}')} {shlex.quote(f'{staging}/{n}')} 2>/dev/null || "
                 f"cp -p {shlex.quote(f'{src}/{n}')} {shlex.quote(f'{staging}/{n}')})" for n, src in seeds.items()]
-        remote.run(f"set -e; cd {d}\n" + "\n".join(cmds))
+        remote.run(f"{lock.held}set -e\n" + "\n".join(cmds))
     to_send = sorted(n for n in files if n not in have and n not in seeds)
     res.files_reused = len(files) - len(to_send)
     need = sum(files[n]["bytes"] for n in to_send)
@@ -316,14 +379,20 @@ exit 0""").stdout.decode(errors="replace")
     #    to ssh arrives whole (a dropped connection may leave one partial file, which the sha256 check re-sends)
     if to_send:
         err = tempfile.TemporaryFile()
-        proc = remote.popen(f"cd {d}/{staging} && tar xf - --no-same-owner", stderr=err)
+        proc = remote.popen(f"{lock.held}(while sleep {LOCK_HEARTBEAT_S}; do touch .lock || exit; done) </dev/null >/dev/null 2>&1 &\n"
+                            # (its own fds: a background job holding ssh's stderr would keep the session open)
+                            "hb=$!\n"
+                            f"cd {staging} && tar xf - --no-same-owner; rc=$?; kill $hb; exit $rc", stderr=err)
         try:
             for n in to_send:
+                _check_stop(res)
                 ti = tarfile.TarInfo(n)
                 ti.size, ti.mode, ti.mtime = (bundle_dir / n).stat().st_size, 0o644, int(time.time())
                 proc.stdin.write(ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
                 with open(bundle_dir / n, "rb") as f:
-                    shutil.copyfileobj(f, proc.stdin, 1 << 20)
+                    while chunk := f.read(1 << 20):
+                        _check_stop(res)  # Ctrl-C mid-file: the partial file is never activated
+                        proc.stdin.write(chunk)
                 proc.stdin.write(b"\0" * (-ti.size % tarfile.BLOCKSIZE))
                 proc.stdin.flush()
                 res.files_sent += 1
@@ -347,12 +416,13 @@ exit 0""").stdout.decode(errors="replace")
 
     # 3. verify every file on the device, and 4. only then activate: release dir into place, `current` switched
     #    atomically, history appended, old releases pruned -- one script, so nothing runs between check and switch
+    _check_stop(res)
     history = [h for h in state["history"] if h != bid] + [bid]
     keep_ids = set(history[-keep:]) | {bid}
     removed = sorted(r for r in state["releases"] if r not in keep_ids and r in state["history"])
     sums = "".join(f"{m['sha256']}  {n}\n" for n, m in sorted(files.items()))
     prune = "".join(f"rm -rf releases/{shlex.quote(r)}\n" for r in removed)
-    r = remote.run(f"""cd {d}/{staging} || exit 3
+    r = remote.run(f"""{lock.held}cd {staging} || exit 3
 printf %s {shlex.quote(sums)} | sha256sum -c --quiet - 2>/dev/null && ok=1 || ok=0
 [ "$ok" = 1 ] || exit 42
 set -e
@@ -396,6 +466,11 @@ def _close_quietly(proc: subprocess.Popen) -> None:
 def rollback(remote: Remote, dest: str = DEFAULT_DEST, to: str | None = None) -> dict:
     """Switch `current` back to the previous release in the history (or to release `to`). Returns
     {"host", "from", "to"}. Successive rollbacks walk further back."""
+    with DeviceLock(remote, dest) as lock:
+        return _rollback_locked(remote, dest, to, lock)
+
+
+def _rollback_locked(remote: Remote, dest: str, to: str | None, lock: DeviceLock) -> dict:
     state = device_state(remote, dest)
     cur = state["current"]
     if to is not None:
@@ -413,12 +488,21 @@ def rollback(remote: Remote, dest: str = DEFAULT_DEST, to: str | None = None) ->
             raise RemoteError(f"{remote.spec}: no earlier release to roll back to (active: {cur or 'none'})",
                               "push the release you want, or pass --to ID")
         to = history[-1]
-    d = dest_sh(dest)
-    remote.run(f"""set -e
-cd {d}
+    # verify the release before switching to it: a rollback onto damaged weights is worse than none
+    r = remote.run(f"""{lock.held}cd releases/{to} 2>/dev/null && [ -f SHA256SUMS ] || exit 43
+sha256sum -c --quiet SHA256SUMS >/dev/null 2>&1 || exit 43
+cd ../..
+set -e
 ln -sfn releases/{to} .current.tmp.$$
 mv -T .current.tmp.$$ current
-printf '%s\\n' {" ".join(shlex.quote(h) for h in history)} > .history.tmp.$$ && mv .history.tmp.$$ .history""")
+printf '%s\\n' {" ".join(shlex.quote(h) for h in history)} > .history.tmp.$$ && mv .history.tmp.$$ .history""",
+                   check=False)
+    if r.returncode == 43:
+        raise ValidationFailed(f"{remote.spec}: release {to} on the device does not match its SHA256SUMS (damaged); "
+                               "`current` was NOT switched", f"push that bundle again, or roll back to another "
+                               f"release with --to (there: {', '.join(state['releases'])})")
+    if r.returncode != 0:
+        raise ssh_error(remote.spec, r.returncode, r.stderr.decode(errors="replace"))
     return {"host": remote.spec, "from": cur, "to": to}
 
 
@@ -433,8 +517,18 @@ def for_each_host(hosts, fn, max_workers: int = 8) -> list:
         except Exception as exc:  # a bug or an OS error on one host must not stop the others
             return h, None, f"{type(exc).__name__}: {exc}"
 
+    interrupted.clear()
     with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(hosts)))) as ex:
-        return list(ex.map(one, hosts))
+        futures = [ex.submit(one, h) for h in hosts]
+        try:
+            while not all(f.done() for f in futures):  # a timed wait: Ctrl-C is seen here within 0.2 s
+                wait(futures, timeout=0.2)
+        except KeyboardInterrupt:
+            interrupted.set()  # running pushes stop before activation; the pool then waits for them to wind down
+            for f in futures:
+                f.cancel()
+            raise
+        return [f.result() for f in futures]
 
 
 def _sha(path: Path) -> str:

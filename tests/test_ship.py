@@ -353,3 +353,92 @@ def test_remote_prepare_builds_the_engine_on_the_device_or_names_trtexec(sshd, t
             remote_prepare(r, dest, remote_python=py, remote_edgepack=ep)
     assert "tensorrt" in str(e.value) and "trtexec --onnx=" in str(e.value)
     assert f"{dest}/releases/" in str(e.value)  # the command line points at the release on the device
+
+
+def test_concurrent_pushes_are_serialised_by_the_device_lock(sshd, bundles, tmp_path):
+    """Four pushes of the same bundle, then two different bundles, at once: every push reports ok, `current` always
+    ends on a complete verified release, and no .history entry is lost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b = bundles
+    aid, bid = read_bundle_manifest(a)["bundle_id"], read_bundle_manifest(b)["bundle_id"]
+
+    def push(bundle, dest):
+        with Remote("device", _opts(sshd)) as r:
+            return push_bundle(bundle, r, str(dest))
+
+    same = tmp_path / "same"
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda _: push(a, same), range(4)))
+    assert all(res.ok for res in results)
+    assert os.readlink(same / "current") == f"releases/{aid}"
+    assert sorted(p.name for p in (same / "releases").iterdir()) == [aid]  # no .old-* / .incoming-* left over
+    assert not (same / ".lock").exists()
+    with Remote("device", _opts(sshd)) as r:
+        assert remote_status(r, str(same), verify=True)["verified"] is True
+    two = tmp_path / "two"
+    with ThreadPoolExecutor(2) as ex:
+        results = list(ex.map(lambda bb: push(bb, two), [a, b]))
+    assert all(res.ok for res in results)
+    assert sorted((two / ".history").read_text().split()) == sorted([aid, bid])
+    assert os.readlink(two / "current") == f"releases/{(two / '.history').read_text().split()[-1]}"
+
+
+def test_a_stale_lock_is_taken_over_and_a_live_one_waits(sshd, bundles, tmp_path, monkeypatch):
+    import edgepack.deploy.ship as ship
+
+    a, _ = bundles
+    dest = tmp_path / "dev"
+    (dest / ".lock").mkdir(parents=True)
+    (dest / ".lock" / "owner").write_text("someone else\n")
+    monkeypatch.setattr(ship, "LOCK_WAIT_S", 1)
+    with Remote("device", _opts(sshd)) as r:
+        with pytest.raises(RemoteError, match="another push or rollback holds the device lock \\(someone else\\)"):
+            push_bundle(a, r, str(dest))
+        assert not (dest / "current").exists()
+        old = time.time() - ship.LOCK_STALE_S - 5
+        os.utime(dest / ".lock", (old, old))  # its holder died long ago
+        assert push_bundle(a, r, str(dest)).ok
+    assert not (dest / ".lock").exists()
+
+
+def test_rollback_refuses_a_damaged_release(sshd, bundles, tmp_path):
+    a, b = bundles
+    dest = tmp_path / "dev"
+    aid, bid = read_bundle_manifest(a)["bundle_id"], read_bundle_manifest(b)["bundle_id"]
+    with Remote("device", _opts(sshd)) as r:
+        push_bundle(a, r, str(dest))
+        push_bundle(b, r, str(dest))
+        w = dest / "releases" / aid / "artifact" / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:1000])  # truncated weights in the release we would roll back to
+        with pytest.raises(ValidationFailed, match=f"release {aid} on the device does not match its SHA256SUMS"):
+            rollback(r, str(dest))
+    assert os.readlink(dest / "current") == f"releases/{bid}"
+    assert not (dest / ".lock").exists()
+
+
+def test_ctrl_c_during_a_push_stops_before_activation(sshd, bundles, tmp_path):
+    """SIGINT reaches the main thread while a worker thread streams: the worker must not go on to activate."""
+    import signal
+
+    from edgepack.deploy.ship import for_each_host
+
+    a, b = bundles
+    dest = tmp_path / "dev"
+    aid, bid = read_bundle_manifest(a)["bundle_id"], read_bundle_manifest(b)["bundle_id"]
+    with Remote("device", _opts(sshd)) as r:
+        push_bundle(a, r, str(dest))
+
+    def push_one(h):
+        def sigint_then_slow(name, nbytes):
+            if name == sorted(_files(b))[0]:
+                os.kill(os.getpid(), signal.SIGINT)  # what `kill -INT` on the push process does
+                time.sleep(1.0)  # the main thread sees it while this file is still streaming
+
+        with Remote(h, _opts(sshd)) as r:
+            return push_bundle(b, r, str(dest), on_file=sigint_then_slow)
+
+    with pytest.raises(KeyboardInterrupt):
+        for_each_host(["device"], push_one)
+    assert os.readlink(dest / "current") == f"releases/{aid}" and not (dest / "releases" / bid).exists()
+    assert (dest / ".history").read_text().split() == [aid] and not (dest / ".lock").exists()
