@@ -34,6 +34,8 @@ class GenerationConfig:
             errs.append("top_k must be >= 0")
         if not 0 < self.top_p <= 1:
             errs.append("top_p must be in (0, 1]")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            errs.append("seed must be in 0 .. 2**63-1")
         return errs
 
 

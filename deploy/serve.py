@@ -19,7 +19,34 @@ def uvicorn_server(app, cfg: ServeConfig):
     import uvicorn
 
     return uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                                         timeout_graceful_shutdown=5))
+                                         timeout_graceful_shutdown=5, http=_head_timeout_protocol(cfg.header_timeout_s)))
+
+
+def _head_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, plus: a connection that has not sent a complete request head within `seconds` of
+    connecting (or of its last response) is closed. uvicorn alone keeps a slowloris connection open for ever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(seconds, self._head_timeout)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(seconds, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc) -> None:
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeadTimeoutProtocol
 
 
 def serve(path, cfg: ServeConfig) -> None:

@@ -45,7 +45,7 @@ class _Sampling(BaseModel):
     n: int | None = 1
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     logprobs: bool | int | None = None
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with token counts
 
@@ -92,6 +92,74 @@ class _Counter:
             self.http["seconds"][ep] = self.http["seconds"].get(ep, 0.0) + time.perf_counter() - t0
 
 
+class _Guard:
+    """A pure ASGI wrapper for what must happen before FastAPI parses anything: the API key (401 before the body is
+    read), and the body size (413 above cfg.max_body_bytes; the body must arrive within cfg.header_timeout_s, else
+    408). The body it read is replayed to the app; after that `receive` is the server's own (disconnects)."""
+
+    def __init__(self, app, cfg: ServeConfig):
+        self.app, self.cfg = app, cfg
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope["path"]
+        if self.cfg.api_key is not None and (path.startswith("/v1/") or path == "/metrics"):
+            got = headers.get("authorization", "")
+            if not (got.startswith("Bearer ") and constant_time_equal(got[7:], self.cfg.api_key)):
+                return await _reply(scope, send, 401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                    "authentication_error", code="invalid_api_key")
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = self.cfg.max_body_bytes
+        too_big = f"the request body is larger than this server's limit of {limit} bytes"
+        if not headers.get("content-length", "0").isdigit():
+            return await _reply(scope, send, 400, "Content-Length is not a number")
+        if int(headers.get("content-length", "0")) > limit:
+            return await _reply(scope, send, 413, too_big, code="body_too_large")
+        body, more = bytearray(), True
+        try:
+            async with asyncio.timeout(self.cfg.header_timeout_s):
+                while more:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return
+                    body += msg.get("body", b"")
+                    more = msg.get("more_body", False)
+                    if len(body) > limit:
+                        return await _reply(scope, send, 413, too_big, code="body_too_large")
+        except TimeoutError:
+            return await _reply(scope, send, 408, f"the request body did not arrive within "
+                                f"{self.cfg.header_timeout_s:g} s", code="timeout")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _reply(scope, send, status, message, type_="invalid_request_error", code=None):
+    async def no_body():
+        return {"type": "http.disconnect"}
+
+    await JSONResponse(_error_body(message, type_, None, code), status)(scope, no_body, send)
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set `cancel` when the client of a non-streamed request goes away (the worker then stops at its next token)."""
+    while not cancel.is_set():
+        if await request.is_disconnected():
+            cancel.set()
+            return
+        await asyncio.sleep(0.1)
+
+
 def create_app(served: Served, cfg: ServeConfig):
     """The ASGI application (FastAPI inside a response counter)."""
     app = FastAPI(title="edgepack serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -126,14 +194,6 @@ def create_app(served: Served, cfg: ServeConfig):
     async def _http(request, exc):
         return JSONResponse(_error_body(str(exc.detail), "invalid_request_error"), exc.status_code)
 
-    def authorize(request: Request) -> None:
-        if cfg.api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        if not (got.startswith("Bearer ") and constant_time_equal(got[7:], cfg.api_key)):
-            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                           "authentication_error", code="invalid_api_key")
-
     @app.get("/health")
     async def health():
         e = engine()
@@ -141,8 +201,7 @@ def create_app(served: Served, cfg: ServeConfig):
                 "running": e.active, "queued": e.waiting, "max_concurrency": cfg.max_concurrency, "queue": cfg.queue}
 
     @app.get("/metrics")
-    async def metrics(request: Request):
-        authorize(request)
+    async def metrics():
         return PlainTextResponse(prometheus_text(engine(), http, served), media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict:
@@ -150,13 +209,11 @@ def create_app(served: Served, cfg: ServeConfig):
                 "owned_by": "edgepack"}
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        authorize(request)
+    async def models():
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id}")
-    async def model(model_id: str, request: Request):
-        authorize(request)
+    async def model(model_id: str):
         if model_id != served.model_id:
             raise ApiError(404, f"model '{model_id}' does not exist (this server serves '{served.model_id}')",
                            code="model_not_found")
@@ -196,6 +253,12 @@ def create_app(served: Served, cfg: ServeConfig):
                            "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         return gen, stops
 
+    def too_long(n_chars: int) -> None:
+        if not served.chars_fit(n_chars):  # before tokenizing: a huge prompt must not cost a tokenizer pass
+            raise ApiError(400, f"This model's maximum context length is {served.context} tokens, and a prompt of "
+                           f"{n_chars} characters cannot fit in it. Please reduce the prompt.", param="prompt",
+                           code="context_length_exceeded")
+
     def tokenize_prompt(req: CompletionRequest) -> list[int]:
         p = req.prompt
         if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
@@ -203,6 +266,7 @@ def create_app(served: Served, cfg: ServeConfig):
                 raise ApiError(400, "one prompt per request (got a list of several)", param="prompt")
             p = p[0]
         if isinstance(p, str):
+            too_long(len(p))
             return list(served.tokenizer(p)["input_ids"])
         vocab = len(served.tokenizer)
         if not p or any(not 0 <= t < vocab for t in p):
@@ -221,6 +285,7 @@ def create_app(served: Served, cfg: ServeConfig):
             else:
                 content = m.content or ""
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        too_long(sum(len(m["content"]) + len(m["role"]) for m in msgs))
         tok = served.tokenizer
         if getattr(tok, "chat_template", None):
             out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
@@ -229,12 +294,17 @@ def create_app(served: Served, cfg: ServeConfig):
         text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
         return list(tok(text)["input_ids"])
 
-    async def run(req, ids, gen, stops, kind: str):
+    async def run(req, ids, gen, stops, kind: str, request: Request):
         e = engine()
         created, rid = int(time.time()), new_id("cmpl" if kind == "text" else "chatcmpl")
-        await e.admit()
         if not req.stream:
-            out = await e.start(ids, gen, stops)
+            cancel = threading.Event()
+            watcher = asyncio.create_task(_watch_disconnect(request, cancel))
+            try:
+                await e.admit()
+                out = await e.start(ids, gen, stops, None, cancel)
+            finally:
+                watcher.cancel()
             usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
                      "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
             if kind == "text":
@@ -246,6 +316,7 @@ def create_app(served: Served, cfg: ServeConfig):
             return {"id": rid, "object": "chat.completion", "created": created, "model": served.model_id,
                     "choices": [choice], "usage": usage}
 
+        await e.admit()
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -287,22 +358,20 @@ def create_app(served: Served, cfg: ServeConfig):
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        authorize(request)
         if req.echo:
             raise ApiError(400, "echo is not supported by this server", param="echo")
         if req.best_of not in (None, 1):
             raise ApiError(400, "best_of must be 1", param="best_of")
-        ids = tokenize_prompt(req)
+        ids = await asyncio.to_thread(tokenize_prompt, req)  # off the event loop: /health stays responsive
         gen, stops = prepare(req, ids, req.max_tokens, cfg.default_max_tokens)
-        return await run(req, ids, gen, stops, "text")
+        return await run(req, ids, gen, stops, "text", request)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        authorize(request)
-        ids = chat_ids(req)
+        ids = await asyncio.to_thread(chat_ids, req)
         mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         gen, stops = prepare(req, ids, mt, served.cap)
-        return await run(req, ids, gen, stops, "chat")
+        return await run(req, ids, gen, stops, "chat", request)
 
     app.state.started = time.time()
-    return _Counter(app, http)
+    return _Counter(_Guard(app, cfg), http)

@@ -42,6 +42,8 @@ class ServeConfig:
     model_name: str | None = None  # id in /v1/models [default: bundle id or artifact directory name]
     runtime: str | None = None  # None: the bundle's / artifact's own
     threads: int | None = None  # CPU threads per runtime
+    max_body_bytes: int = 4 << 20  # request bodies above this get 413 before anything parses them (bytes)
+    header_timeout_s: float = 10.0  # a connection without a complete request head after this long is closed (s)
 
     def validate(self) -> list[str]:
         errs = []
@@ -55,6 +57,12 @@ class ServeConfig:
             errs.append("max_tokens_cap must be >= 1")
         if self.api_key is not None and len(self.api_key) < 8:
             errs.append("api_key must be at least 8 characters")
+        if self.threads is not None and self.threads < 1:
+            errs.append("threads must be >= 1")
+        if self.max_body_bytes < 1024:
+            errs.append("max_body_bytes must be >= 1024")
+        if not self.header_timeout_s > 0:
+            errs.append("header_timeout_s must be > 0 (seconds)")
         return errs
 
 
@@ -70,6 +78,11 @@ class Served:
     runtime: str
     pool: queue.Queue
     eos: tuple[int, ...]
+    max_token_chars: int = 64  # the longest token's text: a prompt longer than context x this cannot fit
+
+    def chars_fit(self, n_chars: int) -> bool:
+        """Whether a text of n_chars could fit the context at all (checked before tokenizing it)."""
+        return n_chars <= self.context * self.max_token_chars
 
 
 def load_served(path, cfg: ServeConfig, workdir=None) -> Served:
@@ -102,8 +115,9 @@ def load_served(path, cfg: ServeConfig, workdir=None) -> Served:
     for _ in range(cfg.max_concurrency):
         pool.put(open_runtime(art, runtime, threads=cfg.threads))
     eos = tok.eos_token_id
+    longest = max((len(t) for t in tok.get_vocab()), default=1)
     return Served(cfg.model_name or model_id, art, tok, int(context), int(cap), runtime, pool,
-                  tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ())
+                  tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else (), max(1, longest))
 
 
 class _Stop(Exception):
@@ -189,6 +203,8 @@ class Engine:
 
         t0 = time.perf_counter()
         try:
+            if cancel is not None and cancel.is_set():  # the client left while it waited for a slot: no prefill
+                raise _Cancelled
             res = generate(rt, ids, gen_cfg, on_token=on_token)
             state["finish"] = "stop" if res.stopped == "stop_token" else "length"
             self._emit(tok.decode(toks, skip_special_tokens=True), state, on_piece)

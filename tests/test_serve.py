@@ -258,3 +258,105 @@ def test_a_runtime_failure_is_an_openai_500_and_the_slot_comes_back():
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 6
     assert good.json()["choices"][0]["text"] == served.tokenizer.decode(_greedy(served, PROMPTS[0]),
                                                                         skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def guarded(bundle, tmp_path_factory):
+    """One slot, an API key, a 1 s header timeout, a 64 KiB body limit."""
+    cfg = ServeConfig(port=_free_port(), max_concurrency=1, queue=16, threads=1, api_key=KEY, header_timeout_s=1.0,
+                      max_body_bytes=64 << 10)
+    served = load_served(bundle, cfg, tmp_path_factory.mktemp("guarded"))
+    with BackgroundServer(served, cfg) as url:
+        yield url, served
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def test_auth_comes_before_parsing_and_bad_values_are_4xx_not_500(guarded):
+    url, _ = guarded
+    r = httpx.post(url + "/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 401, r.text  # the body of an unauthenticated request is never parsed
+    r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "seed": -1, "max_tokens": 2}, headers=AUTH)
+    assert r.status_code == 400 and "seed" in r.json()["error"]["message"], r.text
+    r = httpx.post(url + "/v1/completions", content=b"x" * (65 << 10), headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and "limit of 65536 bytes" in r.json()["error"]["message"], r.text
+
+
+def test_a_huge_prompt_is_refused_before_tokenizing_and_health_stays_fast(bundle, tmp_path):
+    """A prompt far beyond the context must not be tokenized at all (it once froze /health for 44 s at 4 MB)."""
+    cfg = ServeConfig(port=_free_port(), threads=1)
+    served = load_served(bundle, cfg, tmp_path)
+    calls = []
+    real = served.tokenizer.__class__.__call__
+
+    class Counting(served.tokenizer.__class__):
+        def __call__(self, text, *a, **kw):
+            calls.append(len(text))
+            return real(self, text, *a, **kw)
+
+    served.tokenizer.__class__ = Counting
+    prompt = "Once upon a time " * (3_500_000 // 17)  # ~3.5 MB: under the 4 MiB body limit
+    with BackgroundServer(served, cfg) as url:
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as c:
+                big = asyncio.create_task(c.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 4}))
+                lat = []
+                for _ in range(10):  # /health while the big request is in flight
+                    t0 = time.perf_counter()
+                    assert (await c.get(url + "/health")).status_code == 200
+                    lat.append(time.perf_counter() - t0)
+                    await asyncio.sleep(0.05)
+                return await big, lat
+
+        r, lat = asyncio.run(main())
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert max(lat) < 2.0, lat
+    assert all(n < 1_000_000 for n in calls), calls  # never handed to the tokenizer
+
+
+def test_slow_headers_are_cut_off(guarded):
+    url, _ = guarded
+    port = int(url.rsplit(":", 1)[1])
+    socks = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+        socks.append(s)
+    t0 = time.time()
+    closed = 0
+    for s in socks:
+        try:
+            closed += s.recv(1024) == b""  # the server closed it
+        except OSError:
+            closed += 1
+        finally:
+            s.close()
+    assert closed == 20 and time.time() - t0 < 8
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_clients_that_leave_a_non_streamed_request_stop_its_generation(guarded):
+    """Six non-streamed requests at a one-slot server, each client gone 0.1 s after sending: the queued ones never
+    generate, and the running one stops."""
+    url, served = guarded
+    port = int(url.rsplit(":", 1)[1])
+    before = _metric(url, "edgepack_completion_tokens_total", AUTH)
+    cancelled = _metric(url, "edgepack_cancelled_total", AUTH)
+    body = b'{"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "ignore_eos": true}'
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    socks = []
+    for _ in range(6):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(head + body)
+        socks.append(s)
+    time.sleep(0.1)
+    for s in socks:
+        s.close()
+    deadline = time.time() + 60
+    while _metric(url, "edgepack_requests_running", AUTH) + _metric(url, "edgepack_requests_queued", AUTH) > 0 \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    assert _metric(url, "edgepack_cancelled_total", AUTH) - cancelled >= 4
+    assert _metric(url, "edgepack_completion_tokens_total", AUTH) - before <= 2 * 64

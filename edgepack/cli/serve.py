@@ -23,6 +23,8 @@ S = ServeConfig
 @config_option(S, "model_name", help="Model id in /v1/models [default: the bundle id or directory name].")
 @config_option(S, "runtime", help="Runtime [default: the bundle's / artifact's own].")
 @config_option(S, "threads", help="CPU threads per runtime.")
+@config_option(S, "max_body_bytes", help="Request bodies above this many bytes get 413 before they are parsed.")
+@config_option(S, "header_timeout_s", help="Seconds a client has to send a request head (and a body); then closed.")
 def serve_cmd(model, **settings):
     """Serve MODEL (a bundle directory or .tar, or an artifact) with an OpenAI-compatible API:
     /v1/completions, /v1/chat/completions (streaming), /v1/models, /health, /metrics."""
