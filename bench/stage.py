@@ -118,7 +118,7 @@ def measure_in_fresh_process(path: Path, cfg: BenchConfig, target) -> dict:
 def bench_stage(src: Artifact, cfg: BenchConfig, target, out: Path, *, force: bool = False, progress=None) -> Artifact:
     from edgepack.targets import load_target
 
-    check_output_dir(Path(out), force)
+    check_output_dir(Path(out), force, [src.path])
     target = target if target is not None else load_target("local")
     t0 = time.perf_counter()
     present, reason = hardware_present(target)
@@ -128,7 +128,7 @@ def bench_stage(src: Artifact, cfg: BenchConfig, target, out: Path, *, force: bo
         rec = {**measure_in_fresh_process(src.path, cfg, target), "measured": True}  # checks the target first
     else:
         rec = predict_bench(src, cfg, target, reason)
-    with ArtifactWriter(out, force=force) as w:
+    with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         link_files(src, w.path)
         record = stage_record("bench", asdict(cfg), time.perf_counter() - t0, rec, target=target.name,
                               parent=src.digest())

@@ -291,7 +291,7 @@ def distill(src: Artifact, cfg: DistillConfig, target, out: Path, *, force: bool
     from edgepack.hf import load_model, load_tokenizer, save_model
     from edgepack.progress import progress
 
-    check_output_dir(Path(out), force)
+    check_output_dir(Path(out), force, [src.path])
     teacher_art = resolve_teacher(src, cfg)
     t0 = time.perf_counter()
     if cfg.threads:
@@ -335,7 +335,7 @@ def distill(src: Artifact, cfg: DistillConfig, target, out: Path, *, force: bool
         "ppl_protocol": {**after.protocol, "text": data_path.name, "text_sha256": digest,
                          "split": f"last {cfg.holdout:.0%} of the token stream"},
     }
-    with ArtifactWriter(out, force=force) as w:
+    with ArtifactWriter(out, force=force, inputs=[src.path, teacher_art.path]) as w:
         save_model(student, w.path, tokenizer_from=src.path)
         metrics["bytes"] = weight_bytes(w.path)
         if cfg.task:

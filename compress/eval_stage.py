@@ -69,7 +69,7 @@ def measure(src: Artifact, cfg: EvalConfig, progress=None, note: str = "; nothin
 def eval_stage(src: Artifact, cfg: EvalConfig, target, out: Path, *, force: bool = False, progress=None) -> Artifact:
     t0 = time.perf_counter()
     metrics, _ = measure(src, cfg, progress)
-    with ArtifactWriter(out, force=force) as w:
+    with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         link_files(src, w.path)
         rec = stage_record("eval", asdict(cfg), time.perf_counter() - t0, metrics, parent=src.digest())
         return w.commit(format=src.format, record=rec, parent=src, extra=src.extra)

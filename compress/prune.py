@@ -195,7 +195,7 @@ def prune(src: Artifact, cfg: PruneConfig, target, out: Path, *, force: bool = F
                          "split": f"last {cfg.holdout:.0%} of the token stream"},
         "calib_sequences": int(calib.shape[0]), "calib_seq_len": cfg.seq_len,
     }
-    with ArtifactWriter(out, force=force) as w:
+    with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         save_model(model, w.path, tokenizer_from=src.path)
         metrics["bytes"] = weight_bytes(w.path)
         if cfg.task:

@@ -197,7 +197,7 @@ def split_texts(cfg: QuantizeConfig) -> tuple[str, str, dict]:
 def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bool = False) -> Artifact:
     fmt = check_legal(cfg, target)
     cfg, choice = resolve_method(cfg, target)
-    check_output_dir(Path(out), force)
+    check_output_dir(Path(out), force, [src.path])
     if src.format != "hf":
         raise ArtifactError(f"quantize reads Hugging Face checkpoints; '{src.path}' is a '{src.format}' artifact",
                             "quantize the model before export (the onnx format exports it for you)")
@@ -216,7 +216,7 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
     ref_logits = hf_logits_fn(model)(probe_ids(model.config.vocab_size))
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     n_calib = 0
-    with ArtifactWriter(out, force=force) as w:
+    with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         if fmt == "onnx":
             from edgepack.compress.quant_onnx import write_onnx_quant
 

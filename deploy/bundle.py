@@ -67,8 +67,10 @@ class BundleConfig:
             errs.append("port must be in 1..65535")
         if self.max_tokens_cap < 1:
             errs.append("max_tokens_cap must be >= 1 (tokens)")
-        if not self.device_dir or self.device_dir.startswith("-"):
-            errs.append("device_dir must be a directory name or path")
+        if not re.fullmatch(r"[A-Za-z0-9_./-]+", self.device_dir or "") or self.device_dir.startswith("-") \
+                or ".." in self.device_dir.split("/"):
+            errs.append("device_dir must be a directory name or path of letters, digits, '_', '.', '/', '-' "
+                        "(it goes into the systemd unit, where spaces, newlines and '%' change its meaning)")
         return errs
 
 
@@ -154,10 +156,10 @@ def make_bundle(artifact, target, out, cfg: BundleConfig = BundleConfig(), *, fo
             raise ArtifactError(f"--tokenizer '{tok_src}' holds no tokenizer files", "point at a model directory")
     out = Path(out)
     as_tar = out.name.endswith((".tar", ".tar.gz", ".tgz"))
-    check_output_dir(out, force)
+    check_output_dir(out, force, [art.path, cfg.tokenizer])
     requirements = device_requirements(runtime, system_tensorrt=target.engine_build == "device")
 
-    with AtomicOutput(out, force=force) as w:
+    with AtomicOutput(out, force=force, inputs=[art.path, cfg.tokenizer]) as w:
         root = w.path / "bundle"
         _copy_tree(art.path, root / "artifact")
         if tok_src is not None:

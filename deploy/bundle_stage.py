@@ -54,13 +54,13 @@ def fit_verdict(art: Artifact, target, precision: str | None, context: int | Non
 def bundle_stage(src: Artifact, cfg: BundleConfig, target, out: Path, *, force: bool = False) -> Artifact:
     if target is None:
         raise ConfigError("the bundle stage needs a target", "list targets in [recipe] targets")
-    check_output_dir(Path(out), force)
+    check_output_dir(Path(out), force, [src.path])
     t0 = time.perf_counter()
     if cfg.tokenizer is None and not any((src.path / m).is_file() for m in TOKENIZER_MARKERS):
         cfg = replace(cfg, tokenizer=_lineage_tokenizer(src))
     if cfg.name is None:  # a recipe's stage folders are named by hash: name the bundle after the base model
         cfg = replace(cfg, name=Path(str(src.base_model or src.path.name)).name)
-    with ArtifactWriter(out, force=force) as w:
+    with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         link_files(src, w.path)
         bdir = make_bundle(src, target, w.path / BUNDLE_SUBDIR, cfg)
         m = verify_bundle(bdir)

@@ -223,12 +223,12 @@ def compile_stage(src: Artifact, cfg: CompileConfig, target, out: Path, *, force
                               "pass the model directory, or use builder = \"edgepack\"")
         check_genai(read_model_config(src.path), path["precision"])
     out = Path(out).absolute()
-    check_output_dir(out, force)
+    check_output_dir(out, force, [src.path])
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as work:
         base = None if genai else src if src.format == "onnx" else _build_onnx(src, cfg, path, target, Path(work))
-        with ArtifactWriter(out, force=force) as w:
+        with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
             metrics = {}
             if genai:
                 from edgepack.deploy.genai_builder import build_genai

@@ -123,7 +123,7 @@ def resolve_context(cfg, model_cfg: dict) -> int:
 
 def compile_gpu(src: Artifact, cfg, path: dict, target, out: Path, *, force: bool = False) -> Artifact:
     out = Path(out).absolute()
-    check_output_dir(out, force)
+    check_output_dir(out, force, [src.path])
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if path["runtime"] == "torch-cuda":
@@ -164,7 +164,7 @@ def _torch_cuda(src, cfg, path, target, out, force, t0) -> Artifact:
     settings = {"precision": precision, "dtype": dtype, "max_context": context, "max_batch": cfg.max_batch,
                 "torch_compile": cfg.torch_compile, "cuda_graph": True}
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as work, \
-            ArtifactWriter(out, force=force) as w:
+            ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         parent, fmt = src, "hf"
         if precision in LOWBIT:
             parent, more, metrics = compile_lowbit(src, cfg, precision, target, w.path, Path(work))
@@ -215,7 +215,7 @@ def _tensorrt(src, cfg, path, target, out, force, t0, work: Path) -> Artifact:
     if made.get("precision", "fp32") not in ("fp32", "fp16"):
         raise ConfigError(f"the ONNX source is {made.get('precision')} (onnxruntime's quantized operators), which "
                           "TensorRT does not build", "compile the Hugging Face checkpoint instead")
-    with ArtifactWriter(out, force=force) as w:
+    with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         metrics = {}
         if path["precision"] == "fp16" and made.get("dtype", "float32") == "float32":
             from edgepack.deploy.onnx_fp16 import convert_fp16

@@ -212,7 +212,7 @@ def export_onnx(src: Artifact, cfg: ExportConfig, target, out: Path, *, force: b
 
     cfg = build_config(ExportConfig, asdict(cfg), "export")  # re-validates a config built in code
     check_target(target)
-    check_output_dir(Path(out), force)
+    check_output_dir(Path(out), force, [src.path])
     if src.format != "hf":
         raise ArtifactError(f"export reads Hugging Face checkpoints; '{src.path}' is a '{src.format}' artifact",
                             "export the model directory this artifact was made from")
@@ -221,7 +221,7 @@ def export_onnx(src: Artifact, cfg: ExportConfig, target, out: Path, *, force: b
 
     t0 = time.perf_counter()
     model = load_model(src, device="cpu")  # float32: the reference the export is held to
-    with ArtifactWriter(out, force=force) as w:
+    with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         extra = export_decoder(model, w.path, cfg)
         copy_tokenizer(src.path, w.path)
         (w.path / "config.json").write_text(model.config.to_json_string())  # for fit, bench and bundle

@@ -255,8 +255,19 @@ def load_json(path: Path, hint: str):
         raise ArtifactError(f"{path} is not valid JSON ({exc})", hint) from None
 
 
-def check_output_dir(out: Path, force: bool) -> None:
+def check_output_dir(out: Path, force: bool, inputs=()) -> None:
+    """`out` may be written: empty or absent (or --force), and neither equal to, inside, nor holding any of `inputs`
+    (the paths the command reads: a stage never changes its input, and --force must not delete it)."""
     out = Path(out)
+    real = out.resolve()
+    for src in inputs:
+        if src is None:
+            continue
+        s = Path(src).resolve()
+        if real == s or s in real.parents or real in s.parents:
+            how = "is" if real == s else "is inside" if s in real.parents else "holds"
+            raise ArtifactError(f"output '{out}' {how} the input '{src}'",
+                                "write the output elsewhere (a sibling directory): a command never changes its input")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ArtifactError(f"output '{out}' already exists and is not empty",
                             "choose another -o directory, or pass --force to replace it")
@@ -280,9 +291,9 @@ class AtomicOutput:
     removed on the way in. ArtifactWriter and the bundle writer both stand on it.
     """
 
-    def __init__(self, out, *, force: bool = False):
+    def __init__(self, out, *, force: bool = False, inputs=()):
         self.out = Path(out).absolute()
-        check_output_dir(self.out, force)
+        check_output_dir(self.out, force, inputs)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         for stale in self.out.parent.glob(f".{self.out.name}.partial-*"):  # left by a killed run
             pid = stale.name.rsplit("-", 1)[-1]
@@ -327,8 +338,8 @@ class ArtifactWriter:
     Leaving the block without commit (an exception, Ctrl-C) removes the temporary directory; `out` is untouched.
     """
 
-    def __init__(self, out, *, force: bool = False):
-        self._atomic = AtomicOutput(out, force=force)
+    def __init__(self, out, *, force: bool = False, inputs=()):
+        self._atomic = AtomicOutput(out, force=force, inputs=inputs)
         self.out, self.path = self._atomic.out, self._atomic.path
         self.committed: Artifact | None = None
 

@@ -30,7 +30,7 @@ def convert(src: Artifact, cfg: ConvertConfig, target, out: Path, *, force: bool
     model = load_model(src, device="cpu")  # float32 compute on CPU
     stored = model.config.to_dict().get("dtype") or "float32"
     metrics = {"params": sum(p.numel() for p in model.parameters()), "dtype": cfg.dtype or str(stored)}
-    with ArtifactWriter(out, force=force) as w:
+    with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         save_model(model, w.path, tokenizer_from=src.path, dtype=cfg.dtype)
         if cfg.dtype not in (None, "float32"):
             cast = load_model(Artifact(w.path, {"format": "hf"}, False), device="cpu")

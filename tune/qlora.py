@@ -333,7 +333,7 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
 
     t0 = time.perf_counter()
     out = Path(out)
-    check_output_dir(out, force)
+    check_output_dir(out, force, [src.path])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if src.format != "hf":
@@ -429,7 +429,7 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
             for s in prep.report["sources"]]}
         metrics["ppl_by_source"] = {n: {"share": weights[n], "before": before_src[n], "adapter": adapter_src[n]}
                                     for n in before_src}
-    with ArtifactWriter(out, force=force) as w:
+    with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         (w.path / "data_report.json").write_text(json.dumps(prep.report, indent=1, ensure_ascii=False) + "\n")
         if (ckdir / "tensorboard").is_dir():
             shutil.copytree(ckdir / "tensorboard", w.path / "logs")

@@ -42,7 +42,7 @@ def export_onnx_cmd(model, output, target_name, force, trust_pickle, as_json, **
     cfg = config_from(ExportConfig, settings, "export onnx")
     target = load_target(target_name) if target_name else None
     check_target(target)
-    check_output_dir(Path(output), force)  # before loading any weights
+    check_output_dir(Path(output), force, [model])  # before loading any weights
     art = export_onnx(open_artifact(model, trust_pickle=trust_pickle), cfg, target, Path(output), force=force)
     report_artifact(art, as_json)
 
@@ -79,7 +79,7 @@ def compile_cmd(model, target_name, output, force, trust_pickle, as_json, **sett
     target = load_target(target_name)
     src = open_artifact(model, trust_pickle=trust_pickle)
     choose_path(cfg, target, src.extra.get("precision", "fp32") if src.format == "onnx" else None)  # fail fast
-    check_output_dir(Path(output), force)
+    check_output_dir(Path(output), force, [model])
     art = compile_stage(src, cfg, target, Path(output), force=force)
     rec = art.history[-1]
     if as_json:

@@ -139,7 +139,7 @@ def convert_cmd(model, output, force, trust_pickle, as_json, **settings):
     from edgepack.convert import convert
 
     cfg = config_from(ConvertConfig, settings, "convert")
-    check_output_dir(Path(output), force)  # before loading any weights
+    check_output_dir(Path(output), force, [model])  # before loading any weights
     art = convert(open_artifact(model, trust_pickle=trust_pickle), cfg, None, Path(output), force=force)
     report_artifact(art, as_json)
 

@@ -64,7 +64,7 @@ def prune_cmd(model, output, target_name, threads, force, trust_pickle, as_json,
     from edgepack.targets import load_target
 
     cfg = config_from(PruneConfig, settings, "prune", layers=list(_layers(settings.get("layers"))))
-    check_output_dir(Path(output), force)
+    check_output_dir(Path(output), force, [model])
     target = load_target(target_name) if target_name else None
     _set_threads(threads)
     art = prune(open_artifact(model, trust_pickle=trust_pickle), cfg, target, Path(output), force=force)
@@ -126,7 +126,7 @@ def distill_cmd(teacher, student, from_prune, output, force, as_json, **settings
         raise ConfigError("give exactly one of --student and --student-from-prune",
                           "e.g. --student-from-prune depth:0.2")
     out = Path(output)
-    check_output_dir(out, force)
+    check_output_dir(out, force, [teacher, student])
     cfg = config_from(DistillConfig, settings, "distill", data=str(settings["data"]), teacher=str(teacher))
     teacher_art = open_artifact(teacher)
     _set_threads(cfg.threads)  # the pruning below runs before the distill stage sets its threads

@@ -51,6 +51,6 @@ def quantize_cmd(model, output, target_name, force, trust_pickle, as_json, **set
     cfg = config_from(QuantizeConfig, settings, "quantize", task=str(settings["task"] or ""))
     target = load_target(target_name) if target_name else None
     check_legal(cfg, target)  # before any weight loads
-    check_output_dir(Path(output), force)
+    check_output_dir(Path(output), force, [model])
     art = quantize(open_artifact(model, trust_pickle=trust_pickle), cfg, target, Path(output), force=force)
     report_artifact(art, as_json)

@@ -55,7 +55,7 @@ def prepare_cmd(data, mix, output, split, near_dup_threshold, strict, model, seq
     if bool(data) == bool(mix):
         raise ConfigError("give DATA or --mix sources" if not data else "DATA and --mix are exclusive",
                           "one file: edgepack tune prepare DATA -o DIR; a mix: --mix a.jsonl:0.7 --mix b.txt:0.3")
-    check_output_dir(Path(output), force)
+    check_output_dir(Path(output), force, [data, model])
     try:
         fractions = [float(x) for x in split.split(",")]
     except ValueError:
@@ -160,7 +160,7 @@ def qlora_cmd(model, mix, output, resume, force, trust_pickle, as_json, **settin
     if bool(settings["data"]) == bool(mix):
         raise ConfigError("give --data or --mix sources" if not mix else "--data and --mix are exclusive",
                           "one source: --data FILE; a mix: --mix a.jsonl:0.7 --mix b.txt:0.3")
-    check_output_dir(Path(output), force)
+    check_output_dir(Path(output), force, [model])
     modules = [t.strip() for t in settings["target_modules"].split(",") if t.strip()]
     frozen = [t.strip() for t in (settings["freeze_layers"] or "").split(",") if t.strip()]
     cfg = config_from(TuneConfig, settings, "tune qlora options", data=tuple(mix) if mix else str(settings["data"]),
