@@ -287,11 +287,12 @@ def distill(src: Artifact, cfg: DistillConfig, target, out: Path, *, force: bool
 
     from edgepack.artifact import check_output_dir
     from edgepack.compress.prune import chunk, heldout_perplexity, split_stream, text_path
-    from edgepack.facts import weight_bytes
+    from edgepack.facts import check_fits_context, weight_bytes
     from edgepack.hf import load_model, load_tokenizer, save_model
     from edgepack.progress import progress
 
     check_output_dir(Path(out), force, [src.path])
+    check_fits_context(src, cfg.seq_len, "seq_len")
     teacher_art = resolve_teacher(src, cfg)
     t0 = time.perf_counter()
     if cfg.threads:

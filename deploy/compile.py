@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, link_files, stage_record
+from edgepack.artifact import Artifact, ArtifactWriter, WorkDir, check_output_dir, link_files, stage_record
 from edgepack.compress.quant_methods import METHODS
 from edgepack.deploy.onnx_export import EXPORTERS
 from edgepack.errors import ConfigError, MissingDependency, UnsupportedOnTarget, ValidationFailed
@@ -226,7 +225,7 @@ def compile_stage(src: Artifact, cfg: CompileConfig, target, out: Path, *, force
     check_output_dir(out, force, [src.path])
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as work:
+    with WorkDir(out) as work:
         base = None if genai else src if src.format == "onnx" else _build_onnx(src, cfg, path, target, Path(work))
         with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
             metrics = {}

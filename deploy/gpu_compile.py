@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, link_files, stage_record
+from edgepack.artifact import Artifact, ArtifactWriter, WorkDir, check_output_dir, link_files, stage_record
 from edgepack.errors import ConfigError, UnsupportedOnTarget
 from edgepack.facts import read_model_config
 from edgepack.targets.profile import local_cuda_sm
@@ -128,7 +127,7 @@ def compile_gpu(src: Artifact, cfg, path: dict, target, out: Path, *, force: boo
     t0 = time.perf_counter()
     if path["runtime"] == "torch-cuda":
         return _torch_cuda(src, cfg, path, target, out, force, t0)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as work:
+    with WorkDir(out) as work:
         return _tensorrt(src, cfg, path, target, out, force, t0, Path(work))
 
 
@@ -163,7 +162,7 @@ def _torch_cuda(src, cfg, path, target, out, force, t0) -> Artifact:
     dtype = storage_dtype(precision, target)
     settings = {"precision": precision, "dtype": dtype, "max_context": context, "max_batch": cfg.max_batch,
                 "torch_compile": cfg.torch_compile, "cuda_graph": True}
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as work, \
+    with WorkDir(out) as work, \
             ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         parent, fmt = src, "hf"
         if precision in LOWBIT:

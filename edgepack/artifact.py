@@ -57,8 +57,8 @@ def hash_files(root: Path) -> dict[str, dict[str, Any]]:
             for rel in _payload_files(root)}
 
 
-def check_safetensors(path: Path) -> None:
-    """Raise ArtifactError if a .safetensors file is truncated or its header is not valid JSON.
+def check_safetensors(path: Path) -> dict:
+    """Raise ArtifactError if a .safetensors file is truncated or its header is not valid JSON; returns the header.
 
     Reads only the header (8-byte little-endian length + JSON), so it is cheap even for a 70B shard.
     """
@@ -74,12 +74,16 @@ def check_safetensors(path: Path) -> None:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"{path} is corrupt: its header is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})", hint) from None
-    if not isinstance(header, dict):
-        raise ArtifactError(f"{path} is corrupt: its header is not a JSON object", hint)
+    if not isinstance(header, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("data_offsets"), list)
+            and len(v["data_offsets"]) == 2 and all(type(x) is int and x >= 0 for x in v["data_offsets"])
+            for k, v in header.items() if k != "__metadata__"):
+        raise ArtifactError(f"{path} is corrupt: its header is not a table of tensors (dtype, data_offsets)", hint)
     end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise ArtifactError(
             f"{path} is corrupt or truncated: header promises {8 + n + end} bytes, file has {size}", hint)
+    return header
 
 
 def files_digest(files: dict[str, dict[str, Any]]) -> str:
@@ -295,10 +299,7 @@ class AtomicOutput:
         self.out = Path(out).absolute()
         check_output_dir(self.out, force, inputs)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.parent.glob(f".{self.out.name}.partial-*"):  # left by a killed run
-            pid = stale.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or not _pid_alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
+        _remove_stale(self.out.parent, f".{self.out.name}.partial-")  # left by a killed run
         self.path = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir()
@@ -359,7 +360,7 @@ class ArtifactWriter:
             "format": format,
             "base_model": base_model or (parent.base_model if parent is not None else "unknown"),
             "history": history,
-            "files": hash_files(self.path),
+            "files": hash_files(_canonical(self.path)),
             "extra": _jsonable(extra or {}),
         }
         tmp_manifest = self.path / (MANIFEST_NAME + ".tmp")
@@ -368,6 +369,60 @@ class ArtifactWriter:
         self._atomic.publish()
         self.committed = Artifact(self.out, manifest, True)
         return self.committed
+
+
+def _canonical(root: Path) -> Path:
+    """Same content, same bytes: every .safetensors header under root rewritten with sorted keys (the safetensors
+    writer emits its metadata table in hash-map order, which changes from run to run and so changed every digest
+    and recipe key downstream), and every JSON file's top-level "target_modules" list sorted (peft writes a set)."""
+    for p in sorted(root.rglob("*.safetensors")):
+        if p.is_symlink() or p.stat().st_nlink > 1:
+            continue  # hard-linked from the parent artifact: already canonical there, and never written into
+        header = check_safetensors(p)
+        with open(p, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            raw = f.read(n)
+            new = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+            new += b" " * (-len(new) % 8)
+            if new == raw:
+                continue
+            tmp = p.with_name(p.name + ".canon")
+            with open(tmp, "wb") as out:
+                out.write(struct.pack("<Q", len(new)) + new)
+                shutil.copyfileobj(f, out, _HASH_CHUNK)
+        os.replace(tmp, p)
+    for p in sorted(root.rglob("adapter_config.json")):
+        cfg = json.loads(p.read_text())
+        if isinstance(cfg.get("target_modules"), list):
+            cfg["target_modules"] = sorted(cfg["target_modules"])
+            p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return root
+
+
+class WorkDir:
+    """A scratch directory beside `out`, `.NAME.work-PID`, removed on exit; ones left by killed runs (their pid is
+    gone) are removed on the way in, so a kill -9 mid-compile leaves nothing behind for long."""
+
+    def __init__(self, out):
+        out = Path(out).absolute()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out.parent, f".{out.name}.work-")
+        self.path = out.parent / f".{out.name}.work-{os.getpid()}"
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir()
+
+    def __enter__(self) -> str:
+        return str(self.path)
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _remove_stale(parent: Path, prefix: str) -> None:
+    for stale in parent.glob(prefix + "*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def link_files(src: Artifact, dst: Path, names=None) -> None:

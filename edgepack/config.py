@@ -63,6 +63,17 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# settings that mean the same in every config that has them: the values they may take (None = unset is always fine)
+MINIMUMS = {
+    "threads": (lambda v: v >= 1, ">= 1 (CPU threads)"),
+    "seq_len": (lambda v: v >= 1, ">= 1 (tokens)"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1 (tokens)"),
+    "task_max_new_tokens": (lambda v: v >= 1, ">= 1 (tokens)"),
+    "max_minutes": (lambda v: v > 0, "> 0 (minutes)"),
+    "max_seconds": (lambda v: v > 0, "> 0 (seconds)"),
+}
+
+
 def build_config(cls, data: dict, where: str):
     """Instantiate dataclass `cls` from `data`, checking keys and types; then run its `validate()` if any."""
     if not isinstance(data, dict):
@@ -84,6 +95,10 @@ def build_config(cls, data: dict, where: str):
             problems.append(f"missing required key '{name}'")
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems), "valid keys: " + ", ".join(fields))
+    problems = [f"'{k}' must be {MINIMUMS[k][1]}, got {v!r}" for k, v in kwargs.items()
+                if k in MINIMUMS and v is not None and not MINIMUMS[k][0](v)]
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems), "fix the values named above")
     cfg = cls(**kwargs)
     check = getattr(cfg, "validate", None)
     if check is not None:

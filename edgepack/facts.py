@@ -31,7 +31,16 @@ def read_model_config(path, *, missing_ok: bool = False) -> dict | None:
         if missing_ok:
             return None
         raise ConfigError(f"{cfg_path} is not a JSON object", "fix or re-download config.json")
-    return cfg
+    bad = [f"{k} = {cfg[k]!r}" for k in ARCH_COUNTS if k in cfg and cfg[k] is not None
+           and (type(cfg[k]) is not int or cfg[k] < 1)]
+    if bad and not missing_ok:
+        raise ConfigError(f"{cfg_path}: {', '.join(bad)} (must be whole numbers >= 1)", "fix or re-download config.json")
+    return None if bad else cfg
+
+
+# config.json sizes that must be whole numbers >= 1 wherever they appear
+ARCH_COUNTS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+               "vocab_size", "max_position_embeddings", "head_dim")
 
 
 def _newest(art, pick):
@@ -87,6 +96,14 @@ def context_length(art) -> int | None:
     cfg = read_model_config(art.path, missing_ok=True) or {}
     mpe = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
     return int(mpe) if isinstance(mpe, int) and mpe > 0 else None
+
+
+def check_fits_context(art, tokens: int, what: str) -> None:
+    """Raise ConfigError when `tokens` (what a command will put through the model at once) exceed its context."""
+    ctx = context_length(art)
+    if ctx is not None and tokens > ctx:
+        raise ConfigError(f"{what} = {tokens} tokens, beyond the model's context of {ctx}",
+                          f"use at most {ctx} tokens (the model has no positions beyond that)")
 
 
 def is_weight_file(name: str) -> bool:

@@ -66,18 +66,48 @@ def load_model(art: Artifact | str | Path, *, device: str | None = None, dtype=N
         raise ArtifactError(f"'{art.path}' is a '{art.format}' artifact, not a Hugging Face checkpoint",
                             "pass the model directory this artifact was made from, or use a command for its format")
     device = device or default_device()
+    art.verify()  # every file against its sha256 in edgepack.json (a plain checkpoint has none to check)
     use_st = any(art.path.glob("*.safetensors"))
+    _check_weight_dtypes(art.path)
     if dtype is None:
         dtype = compute_dtype_for(device, _stored_dtype(art.path))
+    hint = "check that config.json matches the weights (a transformers version mismatch?)"
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            art.path, dtype=dtype, use_safetensors=use_st, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ArtifactError(f"cannot load the model in '{art.path}': {str(exc).splitlines()[0]}",
-                            "check that config.json matches the weights (a transformers version mismatch?)") from None
+        model, info = AutoModelForCausalLM.from_pretrained(
+            art.path, dtype=dtype, use_safetensors=use_st, trust_remote_code=False, local_files_only=True,
+            output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise ArtifactError(f"cannot load the model in '{art.path}': {str(exc).strip().splitlines()[0]}", hint) from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing or info.get("mismatched_keys"):
+        what = f"{len(missing)} tensor(s) missing from the weights ({', '.join(missing[:3])})" if missing else \
+            f"tensor shapes that differ from config.json ({', '.join(str(m[0]) for m in info['mismatched_keys'][:3])})"
+        raise ArtifactError(f"'{art.path}': {what}; they would start as random numbers", hint)
+    bad = next((n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise ArtifactError(f"'{art.path}': tensor '{bad}' holds NaN or Inf values",
+                            "the weights are damaged (or a stage diverged): rebuild them from a good parent")
     model.to(device).eval()
     torch.set_grad_enabled(False)
     return model
+
+
+# weights stored as integers are quantized (their names then say so: qweight, ... or config.json has a
+# quantization_config); a plain `.weight` / `.bias` in an integer dtype is a broken or tampered checkpoint
+_INT_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "BOOL")
+
+
+def _check_weight_dtypes(path: Path) -> None:
+    from edgepack.artifact import check_safetensors
+    from edgepack.facts import read_model_config
+
+    if (read_model_config(path, missing_ok=True) or {}).get("quantization_config"):
+        return
+    for shard in sorted(path.glob("*.safetensors")):
+        for name, meta in check_safetensors(shard).items():
+            if name != "__metadata__" and name.endswith((".weight", ".bias")) and meta["dtype"] in _INT_DTYPES:
+                raise ArtifactError(f"{shard}: tensor '{name}' is stored as {meta['dtype']}, not as floating point",
+                                    "the checkpoint is damaged or not a plain Hugging Face model; re-export it")
 
 
 def _stored_dtype(path: Path) -> str | None:

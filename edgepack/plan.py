@@ -84,7 +84,10 @@ def load_recipe(path, workdir: Path | None = None, data: dict | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"recipe '{path}' does not exist", "check the path to the .toml file")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"recipe '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                              "save the recipe as UTF-8") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"recipe '{path}' is not valid TOML ({exc})", "fix the TOML syntax") from None
     base = path.parent.absolute()

@@ -174,6 +174,8 @@ def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048,
         raise ConfigError(f"unknown precision '{precision}'", f"use one of {', '.join(PRECISIONS)}")
     if context <= 0 or batch <= 0:
         raise ConfigError("--context and --batch must be positive", "e.g. --context 2048 --batch 1")
+    if not 1 <= group_size <= 1 << 20:
+        raise ConfigError(f"--group-size {group_size} is not a group size", "weights per scale: e.g. 32, 64 or 128")
     if check_support and not target.supports(precision=precision):
         raise UnsupportedOnTarget(f"target '{target.name}' does not run {precision}",
                                   f"it supports: {', '.join(target.precisions)}")

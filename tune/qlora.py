@@ -258,6 +258,14 @@ def add_lora(model, cfg: TuneConfig):
             head = model.get_output_embeddings()
             targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                               if isinstance(m, torch.nn.Linear) and m is not head})
+    if targets != "all-linear":  # a name that matches no module: say which names exist (peft raises a ValueError)
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        unknown = sorted(set(targets) - names)
+        if unknown:
+            from edgepack.errors import did_you_mean
+
+            raise ConfigError(f"target_modules {', '.join(unknown)}: no module of the model has that name"
+                              f"{did_you_mean(unknown[0], names)}", "use 'all-linear' or names such as q_proj, v_proj")
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM", layers_to_transform=layers)
     return get_peft_model(model, lcfg)
@@ -325,7 +333,7 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
     if cfg.method != "full":
         require("peft", "tune", "LoRA adapters")
     accelerate = require("accelerate", "tune", "the training loop (single process or accelerate launch)")
-    from edgepack.facts import weight_bytes
+    from edgepack.facts import check_fits_context, weight_bytes
     from edgepack.hf import load_model, load_tokenizer, save_model
     from edgepack.tune.checkpoint import checkpoint_dir, fingerprint, read_state
     from edgepack.tune.data import load_or_prepare, tokenize_sources, tokenize_splits
@@ -334,6 +342,7 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
     t0 = time.perf_counter()
     out = Path(out)
     check_output_dir(out, force, [src.path])
+    check_fits_context(src, cfg.seq_len, "seq_len")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if src.format != "hf":
@@ -353,8 +362,10 @@ def tune(src: Artifact, cfg: TuneConfig, target, out: Path, *, force: bool = Fal
                               "pass --resume to continue them, or --force to start over")
         shutil.rmtree(ckdir, ignore_errors=True)
         state = None
-    if resume and state is None:
-        raise ConfigError(f"nothing to resume: no checkpoint in '{ckdir}'", "run without --resume")
+    if resume and state is None:  # killed before the first checkpoint: nothing was kept, so start from step 0
+        import sys
+
+        print(f"  tune: no checkpoint in '{ckdir}' yet: starting from step 0", file=sys.stderr, flush=True)
 
     accelerator = accelerate.Accelerator(cpu=not torch.cuda.is_available())
     device = str(accelerator.device)

@@ -110,7 +110,7 @@ def compile_cmd(model, target_name, output, force, trust_pickle, as_json, **sett
 @config_option(G, "top_p", help="1 = off.")
 @config_option(G, "seed", help="Sampling seed (same seed, same text).")
 @click.option("--runtime", help="Runtime [default: the artifact's own].")
-@click.option("--threads", type=int, help="Runtime threads.")
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 @trust_opt
 @json_opt
@@ -119,6 +119,7 @@ def generate_cmd(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, a
     from edgepack.artifact import open_artifact
     from edgepack.deploy.generation import generate
     from edgepack.deploy.runtime import open_runtime
+    from edgepack.facts import check_fits_context
     from edgepack.hf import load_tokenizer
 
     art = open_artifact(artifact, trust_pickle=trust_pickle)
@@ -127,6 +128,7 @@ def generate_cmd(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, a
     gcfg = config_from(GenerationConfig, settings, "generate", stop_token_ids=stop)
     rt = open_runtime(art, runtime or art.extra.get("runtime"), threads=threads)
     ids = tok(prompt)["input_ids"]
+    check_fits_context(art, len(ids) + gcfg.max_new_tokens, f"the prompt ({len(ids)} tokens) + --max-new-tokens")
     new: list[int] = []
     shown = [0]
 

@@ -53,7 +53,7 @@ def _set_threads(threads: int | None) -> None:
 @config_option(P, "task_samples", help="Task items scored.")
 @config_option(P, "max_task_drop", help="Fail (write nothing) when the task metric falls more than this (points).")
 @click.option("--target", "target_name", default=None, help="Target profile (records whether it runs 2:4 kernels).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (1 avoids oversubscription on a busy CPU).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (1 avoids oversubscription on a busy CPU).")
 @force_opt
 @trust_opt
 @json_opt
