@@ -185,7 +185,7 @@ class StepResult:
     target: str | None
     path: str
     status: str  # ran | cached | planned | skipped (path: the artifact passed on)
-    seconds: float
+    seconds: float  # the stage's run time; for a cached step, the time it took when it ran
     metrics: dict = field(default_factory=dict)
 
 
@@ -209,9 +209,10 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[S
 
     def fold(art: Artifact, steps: list[Step], target, subdir: Path) -> Artifact:
         digest = art.digest() if not dry_run or art.path.exists() else "planned"
+        passed_on = art.path  # what the next step reads (in a dry run: the planned output of the step before)
         for step in steps:
             if step.spec.per_target and target is not None and target.name in step.skip:
-                res = StepResult(step.index, step.spec.kind, target.name, str(art.path), "skipped", 0.0,
+                res = StepResult(step.index, step.spec.kind, target.name, str(passed_on), "skipped", 0.0,
                                  {"skipped": step.skip[target.name]})
                 results.append(res)
                 if on_step and not dry_run:
@@ -229,6 +230,7 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[S
                 results.append(res)
                 # a cached step gives the real chained digest (so later cached steps show as cached); else a stand-in
                 digest = chain_digest(h, open_artifact(out).digest()) if res.status == "cached" else h
+                passed_on = out
                 continue
             t0 = time.perf_counter()
             if (out / MANIFEST_NAME).is_file():
@@ -238,7 +240,10 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[S
                 art = step.spec.function()(art, cfg, target if step.spec.per_target else None, out, force=True)
                 status = "ran"
             digest = chain_digest(h, art.digest())
-            res = StepResult(step.index, step.spec.kind, tname, str(out), status, round(time.perf_counter() - t0, 2),
+            # a cached step keeps the seconds it took when it ran (its manifest's record), not the 0.0 s of finding it
+            seconds = (art.history[-1].get("seconds", 0.0) if status == "cached" and art.history
+                       else time.perf_counter() - t0)
+            res = StepResult(step.index, step.spec.kind, tname, str(out), status, round(seconds, 2),
                              (art.history[-1].get("metrics") if art.history else {}) or {})
             results.append(res)
             if on_step:

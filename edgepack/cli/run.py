@@ -31,8 +31,9 @@ def _run_and_report(r, dry_run: bool, as_json: bool):
 
     def live(res):
         if not as_json:
+            took = f"ran in {res.seconds:.1f} s earlier" if res.status == "cached" else f"in {res.seconds:.1f} s"
             print(f"  [{res.status}] stage {res.index} {res.kind}" + (f" ({res.target})" if res.target else "")
-                  + f" in {res.seconds:.1f} s -> {res.path}", file=sys.stderr, flush=True)
+                  + f" {took} -> {res.path}", file=sys.stderr, flush=True)
 
     if not as_json:
         print(f"recipe {r.name}: model {r.model}, targets {', '.join(t.name for t in r.targets)}, workdir {r.workdir}",
