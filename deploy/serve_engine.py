@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import queue
 import threading
 import time
@@ -74,24 +73,18 @@ class Served:
 
 def load_served(path, cfg: ServeConfig, workdir=None) -> Served:
     """A bundle directory or .tar (verified; a .tar is unpacked safely under workdir), or an artifact directory."""
-    from edgepack.artifact import open_artifact
-    from edgepack.deploy.bundle import BUNDLE_MANIFEST, open_bundle
+    from edgepack.deploy.bundle import open_runnable
     from edgepack.deploy.runtime import open_runtime, resolve_runtime
-    from edgepack.facts import context_length, read_runtime_json
+    from edgepack.facts import context_length
     from edgepack.hf import load_tokenizer
 
     path = Path(path)
-    if path.is_file() or (path / BUNDLE_MANIFEST).is_file():
-        root = open_bundle(path, workdir)
-        manifest = json.loads((root / BUNDLE_MANIFEST).read_text())
-        rcfg = read_runtime_json(root)
-        art = open_artifact(root / "artifact")
-        tok_dir = root / rcfg.get("tokenizer", "artifact")
+    art, tok_dir, manifest, rcfg = open_runnable(path, workdir)
+    if manifest is not None:
         model_id, runtime = manifest["bundle_id"], cfg.runtime or manifest["runtime"]
         context, cap = rcfg.get("context"), cfg.max_tokens_cap or rcfg.get("max_tokens_cap") or 512
     else:
-        art = open_artifact(path)
-        tok_dir, model_id, runtime = path, path.name, resolve_runtime(art, cfg.runtime)
+        model_id, runtime = path.name, resolve_runtime(art, cfg.runtime)
         context, cap = None, cfg.max_tokens_cap or 512
     if context is None:
         context = context_length(art)

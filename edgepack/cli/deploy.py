@@ -115,17 +115,25 @@ def compile_cmd(model, target_name, output, force, trust_pickle, as_json, **sett
 @trust_opt
 @json_opt
 def generate_cmd(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, as_json, **settings):
-    """Print a continuation of PROMPT from any runnable artifact, with its speed."""
-    from edgepack.artifact import open_artifact
+    """Print a continuation of PROMPT from any runnable artifact or bundle (directory or .tar, as serve takes),
+    with its speed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-generate-") as tmp:
+        _generate(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, as_json, settings, tmp)
+
+
+def _generate(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, as_json, settings, workdir):
+    from edgepack.deploy.bundle import open_runnable
     from edgepack.deploy.generation import generate
     from edgepack.deploy.runtime import open_runtime
     from edgepack.hf import load_tokenizer
 
-    art = open_artifact(artifact, trust_pickle=trust_pickle)
-    tok = load_tokenizer(art.path)
+    art, tok_dir, manifest, _ = open_runnable(artifact, workdir, trust_pickle=trust_pickle)
+    tok = load_tokenizer(tok_dir)
     stop = () if ignore_eos or tok.eos_token_id is None else (int(tok.eos_token_id),)
     gcfg = config_from(GenerationConfig, settings, "generate", stop_token_ids=stop)
-    rt = open_runtime(art, runtime or art.extra.get("runtime"), threads=threads)
+    rt = open_runtime(art, runtime or (manifest or {}).get("runtime") or art.extra.get("runtime"), threads=threads)
     ids = tok(prompt)["input_ids"]
     new: list[int] = []
     shown = [0]
