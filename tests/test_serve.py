@@ -258,3 +258,70 @@ def test_a_runtime_failure_is_an_openai_500_and_the_slot_comes_back():
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 6
     assert good.json()["choices"][0]["text"] == served.tokenizer.decode(_greedy(served, PROMPTS[0]),
                                                                         skip_special_tokens=True)
+
+
+class _FixedLogits:
+    """A runtime whose logits never change: what the penalties do is then exactly computable."""
+
+    def __init__(self, row):
+        self.row = row
+
+    def reset(self):
+        pass
+
+    def prefill(self, ids):
+        import numpy as np
+
+        return np.array([self.row], dtype=np.float32)
+
+    def decode_step(self, ids):
+        return self.prefill(ids)
+
+
+@pytest.mark.parametrize("kw,expected", [
+    ({}, [0, 0, 0, 0, 0]),
+    ({"frequency_penalty": 1.0}, [0, 1, 0, 1, 0]),  # 3 - 1*c0 vs 2.5 - 1*c1
+    ({"presence_penalty": 1.0}, [0, 1, 0, 0, 0]),  # once both appeared, both lose 1: token 0 leads again
+    ({"logit_bias": ((2, 5.0),)}, [2, 2, 2, 2, 2]),
+    ({"logit_bias": ((0, -100.0),)}, [1, 1, 1, 1, 1]),
+    ({"frequency_penalty": -1.0, "logit_bias": ((1, 1.0),)}, [1, 1, 1, 1, 1]),
+])
+def test_penalties_and_logit_bias_follow_openai_definitions(kw, expected):
+    res = generate(_FixedLogits([3.0, 2.5, 0.0, -1.0]), [[1]], GenerationConfig(max_new_tokens=5, **kw))
+    assert res.tokens[0].tolist() == expected
+
+
+def test_server_applies_penalties_and_logit_bias_and_refuses_tools(server):
+    url, served, expected = server
+    client = _client(url, max_retries=0)
+    prompt = PROMPTS[0]
+    greedy = _greedy(served, prompt)
+    banned = client.completions.create(model=served.model_id, prompt=prompt, max_tokens=6, temperature=0,
+                                       logit_bias={str(greedy[0]): -100})
+    forced = client.completions.create(model=served.model_id, prompt=prompt, max_tokens=4, temperature=0,
+                                       logit_bias={"300": 100})
+    assert served.tokenizer(banned.choices[0].text, add_special_tokens=False)["input_ids"][:1] != greedy[:1]
+    assert served.tokenizer(forced.choices[0].text, add_special_tokens=False)["input_ids"] == [300] * 4
+    # frequency / presence penalties: the server's text is what generate() gives with the same settings
+    rt = served.pool.get()
+    try:
+        ids = generate(rt, served.tokenizer(prompt)["input_ids"],
+                       GenerationConfig(max_new_tokens=64, stop_token_ids=served.eos, frequency_penalty=2.0,
+                                        presence_penalty=1.0)).tokens[0].tolist()
+        plain = generate(rt, served.tokenizer(prompt)["input_ids"],
+                         GenerationConfig(max_new_tokens=64, stop_token_ids=served.eos)).tokens[0].tolist()
+    finally:
+        served.pool.put(rt)
+    assert ids != plain
+    pen = client.completions.create(model=served.model_id, prompt=prompt, max_tokens=64, temperature=0,
+                                    frequency_penalty=2.0, presence_penalty=1.0)
+    assert pen.choices[0].text == served.tokenizer.decode([t for t in ids if t not in served.eos], skip_special_tokens=True)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError, match="tools are not supported"):
+        client.chat.completions.create(model=served.model_id, messages=[{"role": "user", "content": "hi"}],
+                                       tools=[tool])
+    for body, needle in [({"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
+                         ({"prompt": "hi", "logit_bias": {"1": 101}}, "logit_bias"),
+                         ({"prompt": "hi", "presence_penalty": 3}, "presence_penalty")]:
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
