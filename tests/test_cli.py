@@ -129,3 +129,20 @@ def test_demo_runs_offline_then_does_no_work(tmp_path):
     assert {(s["kind"], s["target"]) for s in again["steps"] if s["kind"] == "bundle"} == {
         ("bundle", t) for t in ("a100-80gb", "h100-sxm", "jetson-orin-nano-8gb", "cpu-x86-64")}
     assert all(Path(p).is_file() for p in again["reports"]) and again["cpu_bundle"].endswith("bundle")
+
+
+def test_progress_speaks_at_once_and_only_on_rank_zero(monkeypatch, capsys):
+    """Without a terminal: a line when work starts (eval was silent for minutes), one at least every PLAIN_EVERY_S,
+    and nothing from the other ranks of a torchrun (every line printed twice under --nproc_per_node 2)."""
+    from edgepack import progress as pg
+
+    monkeypatch.setattr(pg, "PLAIN_EVERY_S", 0.0)
+    monkeypatch.setenv("RANK", "1")
+    with pg.progress("work", total=10) as update:
+        update(1)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    with pg.progress("work", total=10) as update:
+        update(1)
+    err = capsys.readouterr().err
+    assert err.startswith("  work: started (0/10)") and "work: 1/10" in err

@@ -44,6 +44,10 @@ def eval_cmd(model, baseline, save_outputs, trust_pickle, as_json, **settings):
     if baseline and not cfg.task:
         raise ConfigError("--baseline compares task metrics", "pass --task FILE too")
     art = open_artifact(model, trust_pickle=trust_pickle)
+    if cfg.text:  # a missing or malformed text is one error line before any progress line
+        from edgepack.quality import read_text
+
+        read_text(cfg.text)
     base_summary = None
     if baseline:
         from edgepack.tasks import evaluate_task

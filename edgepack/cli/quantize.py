@@ -36,6 +36,7 @@ Q = QuantizeConfig
 @config_option(Q, "max_ppl_increase", help="Fail (write nothing) when perplexity rises more than this (%).")
 @config_option(Q, "kd_steps", help="int4-gptq-kd: distillation steps after GPTQ.")
 @config_option(Q, "seed", help="int4-gptq-kd: seed of the distillation batch order.")
+@config_option(Q, "threads", help="torch CPU threads (1 avoids oversubscription on a busy CPU) [default: torch's].")
 @config_option(Q, "task", type=click.Path(), help="Task file (held-out instruction / choice items): task metrics before/after.")
 @config_option(Q, "task_samples", help="Task items scored.")
 @config_option(Q, "max_task_drop", help="Fail (write nothing) when the task metric falls more than this (points).")
