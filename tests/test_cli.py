@@ -146,3 +146,35 @@ def test_progress_speaks_at_once_and_only_on_rank_zero(monkeypatch, capsys):
         update(1)
     err = capsys.readouterr().err
     assert err.startswith("  work: started (0/10)") and "work: 1/10" in err
+
+
+def test_library_noise_is_hidden_unless_edgepack_debug(stories):
+    """transformers' FutureWarnings and bitsandbytes' failed optional-kernel load are not the user's business;
+    EDGEPACK_DEBUG=1 shows them. The generate line says precision, threads and why."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "edgepack.cli", "generate", str(stories), "--prompt", "Once", "--max-new-tokens", "3",
+           "--threads", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "EDGEPACK_DEBUG"}
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    loud = subprocess.run(cmd, capture_output=True, text=True, env={**env, "EDGEPACK_DEBUG": "1"}, timeout=300)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr
+    assert "Warning" not in quiet.stderr and "FutureWarning" in loud.stderr
+    assert quiet.stderr.strip().startswith("[torch-cpu fp32: 3 tokens") and "1 thread (as asked)" in quiet.stderr
+    bnb = [sys.executable, "-c", "from edgepack.cli import quiet_libraries; quiet_libraries(); import bitsandbytes"]
+    assert "Failed to load" not in subprocess.run(bnb, capture_output=True, text=True, env=env, timeout=300).stderr
+
+
+def test_threads_default_to_the_idle_physical_cores(monkeypatch):
+    import os
+
+    from edgepack.deploy.runtime import choose_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 0.0, 0.0))
+    n, why = choose_threads(None)
+    assert n == 1 and "load average 3.2 on 4 CPUs leaves 0.8 idle" in why
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert choose_threads(None)[0] >= 1 and choose_threads(3) == (3, "as asked")

@@ -85,6 +85,25 @@ def cli():
     Every command that reports something takes --json (one JSON object, last line of stdout).
     Set EDGEPACK_DEBUG=1 to see tracebacks for errors.
     """
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Hide what libraries print on import and use that a user can do nothing about (transformers / torch
+    FutureWarnings and deprecations, torch's _pytree registration warnings, bitsandbytes' and torchao's failed optional
+    kernel loads). EDGEPACK_DEBUG=1 shows all of it; edgepack's own warnings are printed by edgepack, not through
+    the warnings module, so none of them is hidden."""
+    if os.environ.get("EDGEPACK_DEBUG"):
+        return
+    import logging
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", module=r"torch\.utils\._pytree")
+    for name in ("bitsandbytes", "torchao", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main() -> None:

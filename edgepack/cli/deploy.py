@@ -153,10 +153,16 @@ def _generate(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, as_j
     stats = {"prompt_tokens": res.prompt_tokens, "new_tokens": len(new), "ttft_s": round(res.ttft_s, 5),
              "decode_tokens_per_s": round(res.decode_tokens_per_s, 2) if len(new) > 1 else None, "stopped": res.stopped,
              **rt.describe()}
+    if not stats.get("precision"):
+        from edgepack.facts import artifact_precision
+
+        stats["precision"] = artifact_precision(art) or "fp32"
     if as_json:
         emit_json({"prompt": prompt, "text": text, "tokens": new, **stats})
         return
     click.echo("")
     tps = f"{stats['decode_tokens_per_s']:.1f} tokens/s" if stats["decode_tokens_per_s"] else "-"
-    click.echo(f"[{stats['runtime']} {stats.get('precision', '')}: {len(new)} tokens, first after "
-               f"{res.ttft_s * 1000:.1f} ms, decode {tps}, stopped by {res.stopped}]".replace("  ", " "), err=True)
+    threads = (f", {stats['threads']} thread{'s' if stats['threads'] != 1 else ''} ({stats['threads_why']})"
+               if stats.get("threads_why") else "")
+    click.echo(f"[{stats['runtime']} {stats['precision']}: {len(new)} tokens, first after {res.ttft_s * 1000:.1f} ms "
+               f"(cold: the first call), decode {tps} over this one run{threads}, stopped by {res.stopped}]", err=True)
