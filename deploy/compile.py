@@ -56,7 +56,7 @@ class CompileConfig:
     builder: str = field(default="auto", metadata={"choices": BUILDERS})  # auto | edgepack (torch.onnx export + quantize stage) | genai (onnxruntime-genai builder)
     genai_options: tuple[str, ...] = ()  # genai int4: KEY=VALUE over deploy/genai_builder.py GENAI_INT4_DEFAULTS
     measure_tokens: int = 32  # greedy tokens decoded after compiling to record decode tokens/s; 0 = skip
-    threads: int | None = None  # onnxruntime intra-op threads recorded for the runtime; None = physical cores
+    threads: int | None = None  # onnxruntime intra-op threads recorded for the runtime; None = the idle physical cores (choose_threads)
     max_context: int = 0  # GPU runtimes: static KV cache / engine profile length, tokens; 0 = model's, at most 4096
     max_batch: int = 1  # GPU runtimes: largest batch the static cache / TensorRT profiles allow
     # torch-cuda: torch.compile the decode step (cached under ~/.cache/edgepack); off until measured to pay for its

@@ -60,7 +60,7 @@ def export_onnx_cmd(model, output, target_name, force, trust_pickle, as_json, **
 @config_option(C, "builder", help="edgepack: torch.onnx export (+ quantize stage); genai: onnxruntime-genai model "
                                   "builder; auto: genai for CPU int4 where it can build the model.")
 @config_option(C, "measure_tokens", help="Decode this many tokens to record speed (0 = skip).")
-@config_option(C, "threads", help="onnxruntime intra-op threads [default: physical cores].")
+@config_option(C, "threads", help="onnxruntime intra-op threads [default: the idle physical cores].")
 @config_option(C, "max_context", help="GPU runtimes: static KV cache / TensorRT profile length in tokens (0 = the "
                                       "model's, <= 4096).")
 @config_option(C, "max_batch", help="GPU runtimes: largest batch.")
