@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,17 @@ def test_demo_runs_offline_then_does_no_work(tmp_path):
     first = run("demo", "--workdir", tmp_path / "demo")
     assert first.exit_code == 0, first.output
     assert "stories260K" in first.stdout and "ppl" in first.stdout and "PREDICTED" in first.stdout
-    assert "Once upon a time" in first.output and "onnxruntime int4" in first.output  # text from the CPU bundle
+    assert "Once upon a time" in first.output and "its speed is the bench figure above" in first.output
+    assert "(bench: median" in first.stdout and "(quick check: one cold run" in first.stdout  # what each timed
+    html = tmp_path / "demo" / "report.html"
+    written = html.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    second = run("demo", "--workdir", tmp_path / "demo")
+    took = time.perf_counter() - t0
+    assert second.exit_code == 0 and "as it did in the first run" in second.stdout, second.output
+    assert "a re-run of 'edgepack demo' does no work" in second.stdout and "make demo" not in second.stdout
+    assert html.stat().st_mtime_ns == written and "unchanged: every stage was cached" in second.stdout
+    assert took < 10, took  # was 11.9 s (reports re-drawn, a runtime loaded to generate the same text again)
     again = last_json(run("demo", "--workdir", tmp_path / "demo", "--json"))
     assert {s["status"] for s in again["steps"]} == {"cached", "skipped"}
     assert {(s["kind"], s["target"]) for s in again["steps"] if s["kind"] == "bundle"} == {

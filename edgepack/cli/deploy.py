@@ -120,10 +120,12 @@ def generate_cmd(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, a
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="edgepack-generate-") as tmp:
-        _generate(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, as_json, settings, tmp)
+        run_generate(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, as_json, settings, tmp)
 
 
-def _generate(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, as_json, settings, workdir):
+def run_generate(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, as_json, settings, workdir,
+              show_speed: bool = True) -> str:
+    """Stream the continuation to stdout (or one JSON object); returns the generated text."""
     from edgepack.deploy.bundle import open_runnable
     from edgepack.deploy.generation import generate
     from edgepack.deploy.runtime import open_runtime
@@ -159,10 +161,13 @@ def _generate(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, as_j
         stats["precision"] = artifact_precision(art) or "fp32"
     if as_json:
         emit_json({"prompt": prompt, "text": text, "tokens": new, **stats})
-        return
+        return text
     click.echo("")
+    if not show_speed:
+        return text
     tps = f"{stats['decode_tokens_per_s']:.1f} tokens/s" if stats["decode_tokens_per_s"] else "-"
     threads = (f", {stats['threads']} thread{'s' if stats['threads'] != 1 else ''} ({stats['threads_why']})"
                if stats.get("threads_why") else "")
     click.echo(f"[{stats['runtime']} {stats['precision']}: {len(new)} tokens, first after {res.ttft_s * 1000:.1f} ms "
                f"(cold: the first call), decode {tps} over this one run{threads}, stopped by {res.stopped}]", err=True)
+    return text
