@@ -46,6 +46,13 @@ def _headline(points: list[dict]) -> dict:
             "bandwidth_utilization": first.get("bandwidth_utilization")}
 
 
+SPEEDUP_IS = ("ours decode tok/s measured in the same seconds as the baseline, run for run (decode_tokens_per_s_paired)"
+              " / the baseline's decode tok/s; ours alone (decode_tokens_per_s) was measured before the baseline loaded")
+# greedy tokens of an artifact and its own base agree far above this even at INT4 (the random prompts of the bench
+# protocol); a different model agrees on a few percent
+MIN_BASELINE_AGREEMENT = 0.5
+
+
 def finish_record(record: dict, points: list[dict], base_points: list[dict] | None = None) -> dict:
     """Add per-point bandwidth utilisation, headline figures, the baseline and speedups; drop internal fields."""
     bw = record["target"]["bandwidth_bytes_per_s"]
@@ -63,8 +70,15 @@ def finish_record(record: dict, points: list[dict], base_points: list[dict] | No
             ours["speedup"] = _ratio(ours.get("decode_tokens_per_s_paired", ours.get("decode_tokens_per_s")),
                                      base.get("decode_tokens_per_s"))
         record["baseline"] = {"runtime": "hf", "method": "transformers generate, greedy, same process, runs "
-                              "alternating with ours", **_headline(base_points), "points": base_points}
+                              "alternating with ours", **_headline(base_points), "points": base_points,
+                              "speedup_is": SPEEDUP_IS}
         record["speedup"] = points[0]["speedup"]
+        agree = [b.get("token_agreement") for b in base_points if b.get("token_agreement") is not None]
+        if agree and min(agree) < MIN_BASELINE_AGREEMENT:
+            record["baseline"]["warning"] = (
+                f"the baseline agrees with the artifact on only {min(agree):.0%} of greedy tokens: it is not the "
+                "model this artifact was made from, so the speedup compares two different models -- pass "
+                "--baseline-model with the checkpoint the artifact came from")
     return record
 
 

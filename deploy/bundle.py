@@ -136,7 +136,7 @@ def make_bundle(artifact, target, out, cfg: BundleConfig = BundleConfig(), *, fo
 
     errs = cfg.validate()
     if errs:
-        raise ConfigError("bundle settings: " + "; ".join(errs), "fix the values named")
+        raise ConfigError("bundle settings: " + "; ".join(errs), "change the values named (each says what it must be)")
     art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
     art.verify()
     runtime = resolve_runtime(art, cfg.runtime)

@@ -111,7 +111,7 @@ def generate(runtime, input_ids, cfg: GenerationConfig, on_token=None, sync=None
     `sync` (e.g. torch.cuda.synchronize) is called before each clock read on asynchronous devices."""
     errs = cfg.validate()
     if errs:
-        raise ConfigError("generation settings: " + "; ".join(errs), "fix the values named")
+        raise ConfigError("generation settings: " + "; ".join(errs), "change the values named (each says what it must be)")
     if hasattr(runtime, "generate_on_device"):  # GPU runtimes (torch-cuda) sample where the logits are
         if cfg.adjusts_logits:
             raise ConfigError(f"presence_penalty, frequency_penalty and logit_bias are not implemented for the "

@@ -257,7 +257,7 @@ def new_id(prefix: str) -> str:
 def check_config(cfg: ServeConfig) -> None:
     errs = cfg.validate()
     if errs:
-        raise ConfigError("serve settings: " + "; ".join(errs), "fix the values named")
+        raise ConfigError("serve settings: " + "; ".join(errs), "change the values named (each says what it must be)")
 
 
 def constant_time_equal(a: str, b: str) -> bool:

@@ -330,3 +330,23 @@ def test_min_seconds_adds_runs_until_enough_wall_time(tiny_model):
     more = measure_point(rt, 4, 3, 1, runs=2, warmup=0, vocab=rt.model.config.vocab_size, min_seconds=0.3)
     assert exact["runs"] == 2 and exact["decode_steps"] == 2 * 2
     assert more["runs"] > 2 and more["decode_steps"] == more["runs"] * 2
+
+
+def test_baseline_table_names_its_figures_and_warns_on_a_foreign_baseline(tiny_model, tmp_path):
+    """The speedup is (ours, run for run with the baseline) / baseline: the table shows exactly those two figures;
+    a baseline that is not the artifact's own base (another model: few greedy tokens agree) is a warning."""
+    from conftest import make_tiny_llama
+
+    from edgepack.cli import cli
+
+    other = make_tiny_llama(tmp_path / "other", seed=7)
+    args = ["bench", str(tiny_model), "--prompt-len", "8", "--gen-len", "16", "--runs", "2", "--min-seconds", "0",
+            "--warmup", "0", "--threads", "1", "--target", "cpu-x86-64", "--baseline", "hf"]
+    own = CliRunner().invoke(cli, args)
+    foreign = CliRunner().invoke(cli, [*args, "--baseline-model", str(other)])
+    assert own.exit_code == 0 and foreign.exit_code == 0, own.output + foreign.output
+    assert "ours (b) tok/s" in own.stdout and "speedup b/a" in own.stdout and "warning" not in own.stderr
+    assert "warning: the baseline agrees with the artifact on only" in foreign.stderr
+    js = json.loads(CliRunner().invoke(cli, [*args, "--baseline-model", str(other), "--json"]).stdout.splitlines()[-1])
+    assert "not the model this artifact was made from" in js["baseline"]["warning"]
+    assert js["baseline"]["speedup_is"].startswith("ours decode tok/s measured in the same seconds")

@@ -189,3 +189,21 @@ def test_threads_default_to_the_idle_physical_cores(monkeypatch):
     assert n == 1 and "load average 3.2 on 4 CPUs leaves 0.8 idle" in why
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
     assert choose_threads(None)[0] >= 1 and choose_threads(3) == (3, "as asked")
+
+
+def test_errors_under_json_are_json_too(tmp_path):
+    r = run("inspect", tmp_path / "nope", "--json")
+    assert r.exit_code == 1 and r.stderr.strip() == f"error: '{tmp_path / 'nope'}' does not exist -- check the path"
+    err = json.loads(r.stdout.strip().splitlines()[-1])["error"]
+    assert err["type"] == "ArtifactError" and err["hint"] == "check the path" and err["message"] in r.stderr
+
+
+def test_library_messages_become_one_whole_line():
+    from edgepack.hf import first_sentences
+
+    long = "Can't load tokenizer for 'x'.\nIf you were trying to load it from 'https://huggingface.co/models', make " \
+           "sure you don't have a local directory with the same name. Otherwise, make sure 'x' is the correct path " \
+           "to a directory containing all relevant files for a LlamaTokenizerFast tokenizer. --"
+    out = first_sentences(long, limit=200)
+    assert "\n" not in out and out.endswith(".") and not out.endswith("--") and len(out) <= 200
+    assert first_sentences("broken config --\n") == "broken config"

@@ -66,11 +66,17 @@ class LazyGroup(click.Group):
             formatter.write_dl([(n, COMMANDS[n][1]) for n in sorted(COMMANDS)])
 
     def invoke(self, ctx):
+        args = [*getattr(ctx, "_protected_args", ()), *ctx.args]
         try:
             return super().invoke(ctx)
         except EdgepackError as exc:
             if os.environ.get("EDGEPACK_DEBUG"):
                 raise
+            if "--json" in args:  # a script asked for JSON: the error is one JSON object too (stdout's last line)
+                from edgepack.output import emit_json
+
+                emit_json({"error": {"type": type(exc).__name__, "problem": " ".join(exc.problem.split()),
+                                     "hint": " ".join(exc.hint.split()), "message": exc.one_line()}})
             raise UserError(exc.one_line()) from None
         except KeyboardInterrupt:
             click.echo("interrupted: nothing half-written was left behind; re-run to resume", err=True)
