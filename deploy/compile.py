@@ -33,7 +33,7 @@ from pathlib import Path
 from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, link_files, stage_record
 from edgepack.compress.quant_methods import METHODS
 from edgepack.deploy.onnx_export import EXPORTERS
-from edgepack.errors import ConfigError, MissingDependency, UnsupportedOnTarget, ValidationFailed
+from edgepack.errors import ORT_GPU_INSTALL, ConfigError, MissingDependency, UnsupportedOnTarget, ValidationFailed
 
 COMPILE_RUNTIMES = ("onnxruntime",)  # runtimes this stage can build for
 QUANT_METHOD = {"int8": "int8"}  # precision -> quantize method; int4 uses cfg.int4_method
@@ -113,7 +113,8 @@ def choose_path(cfg: CompileConfig, target, src_precision: str | None = None) ->
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise MissingDependency("onnxruntime-gpu", "onnx", f"onnxruntime's CUDA execution provider, to run on "
-                                    f"'{target.name}'; this onnxruntime only has {', '.join(ort.get_available_providers())}")
+                                    f"'{target.name}'; this onnxruntime only has {', '.join(ort.get_available_providers())}",
+                                    install=ORT_GPU_INSTALL)
     note = ""
     if src_precision is not None:  # an ONNX artifact is compiled as it is
         precision = src_precision

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepack.deploy.runtime import choose_threads, process_rss_bytes
-from edgepack.errors import ArtifactError, ConfigError, MissingDependency, require
+from edgepack.errors import ORT_GPU_INSTALL, ArtifactError, ConfigError, MissingDependency, require
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 DEFAULT_MAX_LENGTH = 4096  # tokens the pre-allocated cache holds when the model's own limit is larger or unknown
@@ -37,7 +37,7 @@ class OrtRuntime:
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise MissingDependency("onnxruntime-gpu", "onnx", "onnxruntime with the CUDA execution provider; the "
-                                        "installed onnxruntime is CPU-only: replace it with onnxruntime-gpu")
+                                        "installed onnxruntime is CPU-only", install=ORT_GPU_INSTALL)
             providers.insert(0, "CUDAExecutionProvider")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

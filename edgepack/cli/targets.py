@@ -62,12 +62,16 @@ FIT_PRECISIONS = tuple(p for p in PRECISIONS if p != "nf4")  # the --target all 
 
 
 def _model_config(model: str) -> dict:
-    """fit reads only the model's config: a model directory, its config.json, or any JSON file holding one."""
+    """fit reads only the model's config: a model directory, its config.json, any JSON file holding one, or a hub
+    id ("meta-llama/Llama-3.1-8B": only its config.json is fetched)."""
     from edgepack.errors import ArtifactError
     from edgepack.facts import read_model_config
+    from edgepack.sources import fetch_config, is_hub_id_text
 
+    if is_hub_id_text(model):
+        return read_model_config(fetch_config(model))
     if not Path(model).exists():
-        raise ArtifactError(f"'{model}' does not exist", "pass a model directory or its config.json")
+        raise ArtifactError(f"'{model}' does not exist", "pass a model directory, its config.json or a hub id (org/name)")
     return read_model_config(model)
 
 
