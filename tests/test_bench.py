@@ -350,3 +350,18 @@ def test_baseline_table_names_its_figures_and_warns_on_a_foreign_baseline(tiny_m
     js = json.loads(CliRunner().invoke(cli, [*args, "--baseline-model", str(other), "--json"]).stdout.splitlines()[-1])
     assert "not the model this artifact was made from" in js["baseline"]["warning"]
     assert js["baseline"]["speedup_is"].startswith("ours decode tok/s measured in the same seconds")
+
+
+def test_bench_for_an_absent_target_says_so(tiny_model):
+    from edgepack.cli import cli
+    from edgepack.targets.profile import machine_arch
+
+    other = "cpu-arm64" if machine_arch() != "arm64" else "cpu-x86-64"
+    args = ["bench", str(tiny_model), "--prompt-len", "4", "--gen-len", "3", "--runs", "1", "--min-seconds", "0",
+            "--warmup", "0", "--threads", "1", "--target", other]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert f"warning: target '{other}' is" in res.stderr and "measured on THIS machine" in res.stderr
+    assert f"NOT {other} hardware: measured here" in res.stdout and "1 thread)" in res.stdout
+    rec = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout.splitlines()[-1])
+    assert rec["target_hardware"]["present"] is False and "this machine is" in rec["target_hardware"]["reason"]

@@ -65,7 +65,15 @@ def run_cmd(artifact, target_name, plot_path, save_path, as_json, **settings):
     if target_name == "local":
         click.echo("measuring this machine's memory bandwidth (target 'local')...", err=True)
     target = load_target(target_name)
+    from edgepack.bench.stage import hardware_present
+
+    present, why = hardware_present(target)
+    if not present:
+        click.echo(f"warning: {why}: every figure below is measured on THIS machine; the roofline and bandwidth use "
+                   f"are computed with {target.name}'s bandwidth, so they do not describe either machine -- run bench "
+                   f"on the {target.name} itself (edgepack remote bench), or pass --target local", err=True)
     rec = run_bench(art, cfg, target, progress=lambda m: click.echo(f"  {m}", err=True))
+    rec["target_hardware"] = {"present": present, "reason": why}
     if save_path:
         _write_json(rec, Path(save_path))
     if plot_path:
@@ -90,7 +98,9 @@ def _print_record(rec: dict) -> None:
 
     d = rec["device"]
     cols, rows = point_rows(rec)
-    print_table(f"bench {label(rec)} on {d.get('name')} ({d.get('threads')} threads)", cols, rows,
+    absent = rec.get("target_hardware", {}).get("present") is False
+    print_table(f"bench {label(rec)} on {d.get('name')} ({d.get('threads')} thread{'s' if d.get('threads') != 1 else ''})"
+                + (f" -- NOT {rec['target']['name']} hardware: measured here" if absent else ""), cols, rows,
                 caption=f"medians over {rec['points'][0]['runs']} runs after {rec['settings']['warmup']} warm-up; "
                         f"peak mem = {rec['points'][0].get('peak_memory_kind', '?')}; predicted mem and roofline are "
                         f"predictions (targets.fit), MBU against {rec['target']['name']} "
