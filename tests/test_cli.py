@@ -207,3 +207,8 @@ def test_library_messages_become_one_whole_line():
     out = first_sentences(long, limit=200)
     assert "\n" not in out and out.endswith(".") and not out.endswith("--") and len(out) <= 200
     assert first_sentences("broken config --\n") == "broken config"
+
+
+def test_bench_help_names_its_default_subcommand():
+    out = run("bench", "--help").stdout
+    assert "edgepack bench ARTIFACT [OPTIONS]      is short for: edgepack bench run ARTIFACT [OPTIONS]" in out

@@ -27,8 +27,12 @@ class BenchGroup(click.Group):
 
 @click.group(cls=BenchGroup)
 def bench():
-    """Measure tokens/s, latency and memory of an artifact (edgepack bench ARTIFACT), or compare saved results
-    (edgepack bench compare A.json B.json)."""
+    """Measure tokens/s, latency and memory of an artifact, or compare saved results.
+
+    \b
+    edgepack bench ARTIFACT [OPTIONS]      is short for: edgepack bench run ARTIFACT [OPTIONS]
+                                          (its options: edgepack bench run --help)
+    edgepack bench compare A.json B.json  side by side"""
 
 
 @bench.command("run")
