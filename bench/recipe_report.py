@@ -102,7 +102,8 @@ def build_report(run_dir) -> dict:
     steps = run.get("steps") or []
     shared = [s for s in steps if s.get("target") is None]
     rep = {"run": {"name": run.get("name"), "recipe": run.get("recipe"), "model": run.get("model"),
-                   "run_dir": str(run_dir.absolute()), "targets": run.get("targets", [])}, "targets": []}
+                   "run_dir": str(run_dir.absolute()), "targets": run.get("targets", [])}, "targets": [],
+           "common_eval": run.get("common_eval")}
     for tname in run.get("targets", []):
         chain = shared + [s for s in steps if s.get("target") == tname]
         rows, quality, tasks = [], [], []
@@ -110,7 +111,9 @@ def build_report(run_dir) -> dict:
              "speed": None}
         for s in chain:
             row = {"index": s["index"], "kind": s["kind"], "status": s["status"], "path": s["path"],
-                   "seconds": s.get("seconds")}
+                   "seconds": s.get("seconds"), "common": s.get("common")}
+            if s.get("common"):
+                t["common"] = s["common"]  # the last scored stage's: the target's final artifact
             if s["status"] == "skipped":
                 row["note"] = (s.get("metrics") or {}).get("skipped", "skipped")
                 rows.append(row)
@@ -194,8 +197,8 @@ def _fit_cell(fit: dict | None) -> str:
 
 
 def summary_rows(rep: dict) -> tuple[list[str], list[list[str]]]:
-    cols = ["target", "bundle", "size", "runtime / precision", "fit verdict", "final ppl", "final task", "speed is",
-            "decode tok/s", "memory"]
+    cols = ["target", "bundle", "size", "runtime / precision", "fit verdict", "final ppl", "final ppl, common text",
+            "final task", "speed is", "decode tok/s", "memory"]
     rows = []
     for t in rep["targets"]:
         b = t["bundle"] or {}
@@ -203,19 +206,30 @@ def summary_rows(rep: dict) -> tuple[list[str], list[list[str]]]:
         tl = t.get("tasks") and t["tasks"][-1]
         task = f"{tl['metric']} {tl['after']:.2f}" if tl else "-"
         rows.append([t["name"], b.get("path", "-"), f_bytes(b.get("bytes")),
-                     f"{b.get('runtime', '-')} / {b.get('precision', '-')}", _fit_cell(t["fit"]), f_ppl(last), task,
+                     f"{b.get('runtime', '-')} / {b.get('precision', '-')}", _fit_cell(t["fit"]), f_ppl(last),
+                     f_common(t.get("common")), task,
                      *_speed_cells(t["speed"])])
     return cols, rows
 
 
 def stage_rows(t: dict) -> tuple[list[str], list[list[str]]]:
-    cols = ["#", "stage", "status", "ppl before", "ppl after", "scored on", "task (x100)", "note"]
+    cols = ["#", "stage", "status", "seconds", "ppl before", "ppl after", "scored on", "ppl, common text",
+            "task (x100)", "note"]
     rows = []
     for r in t["stages"]:
         q = r.get("quality") or {}
-        rows.append([str(r["index"]), r["kind"], r["status"], f_ppl(q.get("ppl_before")), f_ppl(q.get("ppl_after")),
-                     q.get("text", ""), f_task(r.get("task")), r.get("note", "")])
+        secs = r.get("seconds")
+        rows.append([str(r["index"]), r["kind"], r["status"], "-" if secs is None else f"{secs:.1f}",
+                     f_ppl(q.get("ppl_before")), f_ppl(q.get("ppl_after")), q.get("text", ""),
+                     f_common(r.get("common")), f_task(r.get("task")), r.get("note", "")])
     return cols, rows
+
+
+def f_common(c: dict | None) -> str:
+    """A stage's perplexity on the recipe's common text, or why it has none."""
+    if not c:
+        return "-"
+    return f_ppl(c["perplexity"]) if "perplexity" in c else "not scored: " + c.get("error", "?")
 
 
 # ------------------------------------------------------------------------------------------------------ plots
@@ -313,10 +327,21 @@ INTRO = ("Numbers are read from the stage manifests. Perplexity: each lossy stag
          "measurement) where it did not. Fit verdicts are predictions (targets.fit).")
 
 
+def common_note(rep: dict) -> str:
+    c = rep.get("common_eval")
+    if not c:
+        return ("No common text: each stage's perplexity above is on its own held-out text, so they do not chain; set "
+                "[recipe] eval_text to score the input and every stage's output on one text.")
+    return (f"Common text: the input and every stage's output scored on {c['text']} (sha256 {c['text_sha256'][:12]}, "
+            f"{c['protocol']['name']}, at most {c['max_tokens'] or 'all'} tokens), each through its own format's "
+            f"runtime on this CPU; the input model: {f_common(c.get('input'))}. A text any stage trained or "
+            "calibrated on favours that stage.")
+
+
 def render_markdown(rep: dict, plots: dict[str, str]) -> str:
     r = rep["run"]
     out = [f"# edgepack report: {r['name']}", "", f"Recipe `{r['recipe']}`, model `{r['model']}`, run `{r['run_dir']}`.",
-           "", INTRO, "", "## Summary", "", _md_table(*summary_rows(rep)), ""]
+           "", INTRO, "", common_note(rep), "", "## Summary", "", _md_table(*summary_rows(rep)), ""]
     for key, title in (("quality", "Quality across stages"), ("speed", "Speed across targets")):
         if key in plots:
             out += [f"## {title}", "", f"![{title}]({plots[key]})", ""]
@@ -341,7 +366,7 @@ def render_html(rep: dict, plots_b64: dict[str, str]) -> str:
              f"<h1>edgepack report: {html.escape(str(r['name']))}</h1>",
              f"<p>Recipe <code>{html.escape(str(r['recipe']))}</code>, model <code>{html.escape(str(r['model']))}</code>,"
              f" run <code>{html.escape(r['run_dir'])}</code>.</p><p>{md_bold}</p>",
-             "<h2>Summary</h2>", _html_table(*summary_rows(rep))]
+             f"<p>{html.escape(common_note(rep))}</p>", "<h2>Summary</h2>", _html_table(*summary_rows(rep))]
     for key, title in (("quality", "Quality across stages"), ("speed", "Speed across targets")):
         if key in plots_b64:
             parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{plots_b64[key]}'>")
