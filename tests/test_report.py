@@ -248,3 +248,17 @@ def test_common_text_scores_the_input_and_every_stage_on_one_protocol(run_dir):
     again = run_recipe(load_recipe(run_dir[1]))
     assert cache.read_text() == before and all(r.common == s["common"] for r, s in zip(
         [r for r in again if r.status != "skipped"], steps))
+
+
+def test_roofline_bounds_are_drawn_and_written_as_bounds(run_dir, tmp_path):
+    """A bandwidth bound (stories260K on an H100: millions of tokens/s) is never a bar beside a measured speed."""
+    from edgepack.bench.recipe_report import plot_speed
+
+    rep = build_report(run_dir[0])
+    drawn = plot_speed(rep, tmp_path / "s.png")
+    assert [d for d, k in zip(drawn["speed_drawn_as"], drawn["kinds"]) if k == "measured"] == ["bar"]
+    if not H100_HERE:
+        assert "upper-bound cap" in drawn["speed_drawn_as"]
+        cols, rows = summary_rows(rep)
+        cell = next(r for r in rows if r[0] == "h100-sxm")[cols.index("decode tok/s")]
+        assert cell.startswith("<= ") and "bandwidth bound only" in cell
