@@ -365,3 +365,14 @@ def test_bench_for_an_absent_target_says_so(tiny_model):
     assert f"NOT {other} hardware: measured here" in res.stdout and "1 thread)" in res.stdout
     rec = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout.splitlines()[-1])
     assert rec["target_hardware"]["present"] is False and "this machine is" in rec["target_hardware"]["reason"]
+
+
+def test_compare_row_of_an_unmeasured_record_is_a_dash(tiny_record):
+    """A prediction record (bench stage for an absent target) has no measured decode speed: '-', not '- (---)'."""
+    pred = json.loads(json.dumps(tiny_record))
+    pred["decode_tokens_per_s"] = None
+    for p in pred["points"]:
+        p.update(decode_tokens_per_s=None, decode_tokens_per_s_p10=None, decode_tokens_per_s_p90=None)
+    cols, rows = compare_rows([tiny_record, pred])
+    col = cols.index("decode tok/s (p10-p90)")
+    assert rows[1][col] == "-" and "(" in rows[0][col]
