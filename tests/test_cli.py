@@ -212,3 +212,14 @@ def test_library_messages_become_one_whole_line():
 def test_bench_help_names_its_default_subcommand():
     out = run("bench", "--help").stdout
     assert "edgepack bench ARTIFACT [OPTIONS]      is short for: edgepack bench run ARTIFACT [OPTIONS]" in out
+
+
+def test_model_arguments_take_a_hub_id_as_recipes_do(monkeypatch, stories, tinystories_text):
+    from edgepack import sources
+
+    fetched = []
+    monkeypatch.setattr(sources, "fetch_model", lambda m: fetched.append(m) or stories)
+    r = run("eval", "someorg/stories", "--text", tinystories_text, "--max-tokens", "256", "--json")
+    assert r.exit_code == 0, r.output
+    assert fetched == ["someorg/stories"] and json.loads(r.stdout.splitlines()[-1])["perplexity"] > 1
+    assert run("eval", "./not/here", "--text", tinystories_text).exit_code == 1 and fetched == ["someorg/stories"]

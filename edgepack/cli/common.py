@@ -63,6 +63,15 @@ def speed_label(metrics: dict) -> str:
     return f"quick check: one cold run{f' of {n} tokens' if n else ''}{t}"
 
 
+def open_model(model, trust_pickle: bool = False):
+    """What every model argument takes: an artifact or checkpoint directory, or a Hugging Face hub id ("org/name"),
+    fetched first (safetensors, configs and tokenizer, never pickles) into the hub cache, as a recipe's model is."""
+    from edgepack.artifact import open_artifact
+    from edgepack.sources import fetch_model, is_hub_id_text
+
+    return open_artifact(fetch_model(str(model)) if is_hub_id_text(str(model)) else model, trust_pickle=trust_pickle)
+
+
 def report_artifact(art, as_json: bool) -> None:
     rec = art.history[-1]
     if as_json:

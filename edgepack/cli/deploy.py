@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgepack.cli.common import config_from, config_option, force_opt, json_opt, report_artifact, trust_opt
+from edgepack.cli.common import config_from, config_option, force_opt, json_opt, open_model, report_artifact, trust_opt
 from edgepack.deploy.compile import CompileConfig
 from edgepack.deploy.generation import GenerationConfig
 from edgepack.deploy.onnx_export import ExportConfig
@@ -35,7 +35,7 @@ def export_group():
 @json_opt
 def export_onnx_cmd(model, output, target_name, force, trust_pickle, as_json, **settings):
     """Export MODEL (a Hugging Face checkpoint) as ONNX with KV cache, validated against PyTorch."""
-    from edgepack.artifact import check_output_dir, open_artifact
+    from edgepack.artifact import check_output_dir
     from edgepack.deploy.onnx_export import check_target, export_onnx
     from edgepack.targets import load_target
 
@@ -43,7 +43,7 @@ def export_onnx_cmd(model, output, target_name, force, trust_pickle, as_json, **
     target = load_target(target_name) if target_name else None
     check_target(target)
     check_output_dir(Path(output), force)  # before loading any weights
-    art = export_onnx(open_artifact(model, trust_pickle=trust_pickle), cfg, target, Path(output), force=force)
+    art = export_onnx(open_model(model, trust_pickle), cfg, target, Path(output), force=force)
     report_artifact(art, as_json)
 
 
@@ -71,13 +71,13 @@ def export_onnx_cmd(model, output, target_name, force, trust_pickle, as_json, **
 @json_opt
 def compile_cmd(model, target_name, output, force, trust_pickle, as_json, **settings):
     """Compile MODEL into a runnable artifact for a target (CPU: onnxruntime, int4 MatMulNBits by default)."""
-    from edgepack.artifact import check_output_dir, open_artifact
+    from edgepack.artifact import check_output_dir
     from edgepack.deploy.compile import choose_path, compile_stage
     from edgepack.targets import load_target
 
     cfg = config_from(CompileConfig, settings, "compile")
     target = load_target(target_name)
-    src = open_artifact(model, trust_pickle=trust_pickle)
+    src = open_model(model, trust_pickle)
     choose_path(cfg, target, src.extra.get("precision", "fp32") if src.format == "onnx" else None)  # fail fast
     check_output_dir(Path(output), force)
     art = compile_stage(src, cfg, target, Path(output), force=force)
