@@ -327,4 +327,8 @@ def create_app(served: Served, cfg: ServeConfig):
         return await run(req, ids, gen, stops, "chat")
 
     app.state.started = time.time()
-    return _Counter(app, http)
+    outer = _Counter(app, http)
+    # on shutdown: in-flight generations end at their next token, so their responses finish within the graceful
+    # shutdown instead of being cancelled mid-response (an ASGI traceback) and holding the exit on worker threads
+    outer.stop_generations = lambda: state["engine"].stop() if "engine" in state else None
+    return outer

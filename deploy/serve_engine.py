@@ -129,6 +129,10 @@ class Engine:
         self.lock = threading.Lock()  # worker threads update the counters below
         self.metrics = {"prompt_tokens": 0, "completion_tokens": 0, "rejected_queue_full": 0, "ttft_sum": 0.0,
                         "ttft_count": 0, "decode_tokens": 0, "decode_seconds": 0.0, "cancelled": 0, "peak_queued": 0}
+        self.stopping = threading.Event()  # the server is shutting down: every generation ends at its next token
+
+    def stop(self) -> None:
+        self.stopping.set()
 
     def full(self) -> bool:
         return self.active + self.waiting >= self.cfg.max_concurrency + self.cfg.queue
@@ -164,7 +168,7 @@ class Engine:
         state = {"emitted": "", "finish": "length"}
 
         def on_token(nxt):
-            if cancel is not None and cancel.is_set():
+            if (cancel is not None and cancel.is_set()) or self.stopping.is_set():
                 raise _Cancelled
             t = int(nxt[0])
             if t in self.s.eos:

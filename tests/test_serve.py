@@ -325,3 +325,46 @@ def test_server_applies_penalties_and_logit_bias_and_refuses_tools(server):
                          ({"prompt": "hi", "presence_penalty": 3}, "presence_penalty")]:
         r = httpx.post(url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+class _Slow:
+    """A runtime proxy whose decode steps take 50 ms: a generation that is still running when the server stops."""
+
+    def __init__(self, rt):
+        self.rt = rt
+
+    def __getattr__(self, name):
+        return getattr(self.rt, name)
+
+    def decode_step(self, ids):
+        time.sleep(0.05)
+        return self.rt.decode_step(ids)
+
+
+def test_stopping_the_server_ends_generations_in_flight_at_once(bundle, tmp_path):
+    """Ctrl-C with a request in flight (run_until_signal calls the app's stop_generations first): the generation
+    stops at its next token and its response completes, instead of running to its end while the shutdown waits and
+    then being cancelled mid-response (an ASGI traceback)."""
+    import threading
+
+    cfg = ServeConfig(port=_free_port(), max_concurrency=1, queue=1, threads=1, max_tokens_cap=64)
+    served = load_served(bundle, cfg, tmp_path / "u")
+    served.pool.put(_Slow(served.pool.get()))
+    bg = BackgroundServer(served, cfg)
+    with bg as url:
+        out = {}
+
+        def ask():
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 64, "temperature": 1.0,
+                                                          "seed": 1}, timeout=60)
+            out.update(status=r.status_code, body=r.json(), seconds=time.perf_counter() - t0)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        time.sleep(0.8)  # 64 steps x 50 ms = 3.2 s if nothing stops it
+        t0 = time.perf_counter()
+        bg.server.config.app.stop_generations()
+        t.join(timeout=30)
+        assert out["status"] == 200 and out["body"]["choices"][0]["finish_reason"] == "cancelled", out
+        assert time.perf_counter() - t0 < 1.0 and out["seconds"] < 3.0, out["seconds"]
