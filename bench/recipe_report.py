@@ -254,7 +254,7 @@ def plot_quality(rep: dict, path: Path) -> dict:
         labels += [q["stage"] for q in t["quality"] if q["stage"] not in labels]
     labels.sort(key=lambda s: int(s.split()[0]))
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(labels) + 2), 4.2))
-    drawn, n = {}, max(1, len(rep["targets"]))
+    drawn, commons, n = {}, {}, max(1, len(rep["targets"]))
     for i, t in enumerate(rep["targets"]):
         dx = (i - (n - 1) / 2) * 0.08
         pts = []
@@ -268,15 +268,24 @@ def plot_quality(rep: dict, path: Path) -> dict:
                             xytext=(4, 0), fontsize=7, color=f"C{i}")  # shared stages: labelled once
             pts.append((q["stage"], before, q["ppl_after"]))
         drawn[t["name"]] = pts
+        # the common text (recipe eval_text): one protocol for every stage, so these points may be joined
+        common = [(labels.index(f"{r['index']} {r['kind']}") + dx + 0.2, r["common"]["perplexity"])
+                  for r in t["stages"] if f"{r['index']} {r['kind']}" in labels and (r.get("common") or {}).get("perplexity")]
+        if common:
+            ax.plot(*zip(*common), linestyle=":", marker="s", markersize=4, color=f"C{i}", alpha=0.7,
+                    label="common text (dotted; colour = target)" if i == 0 else None)
+            commons[f"{t['name']} (common text)"] = common
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xticklabels(labels, fontsize=8, rotation=15)
     ax.set_ylabel("perplexity: before -> after the stage")
-    ax.set_title("quality across stages (each segment: one stage on its own held-out text)", fontsize=10)
+    ax.set_title("quality across stages (segments: each stage on its own held-out text; dotted squares: every stage "
+                 "on the recipe's common text)" if rep.get("common_eval") else
+                 "quality across stages (each segment: one stage on its own held-out text)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return drawn
+    return drawn | commons
 
 
 def plot_speed(rep: dict, path: Path) -> dict:

@@ -243,6 +243,10 @@ def test_common_text_scores_the_input_and_every_stage_on_one_protocol(run_dir):
     cols, rows = summary_rows(rep)
     assert "final ppl, common text" in cols and all(r[cols.index("final ppl, common text")] != "-" for r in rows)
     assert common_note(rep).startswith("Common text: the input and every stage's output scored on tinystories-sample")
+    from edgepack.bench.recipe_report import plot_quality
+
+    drawn = plot_quality(rep, run_dir[0] / "q.png")
+    assert all(len(drawn[f"{t['name']} (common text)"]) >= 2 for t in rep["targets"])  # one joined line per target
     cache = run_dir[0] / "common-eval.json"
     before = cache.read_text()
     again = run_recipe(load_recipe(run_dir[1]))
