@@ -102,7 +102,8 @@ def build_report(run_dir) -> dict:
     steps = run.get("steps") or []
     shared = [s for s in steps if s.get("target") is None]
     rep = {"run": {"name": run.get("name"), "recipe": run.get("recipe"), "model": run.get("model"),
-                   "run_dir": str(run_dir.absolute()), "targets": run.get("targets", [])}, "targets": []}
+                   "run_dir": str(run_dir.absolute()), "targets": run.get("targets", [])}, "targets": [],
+           "common_eval": run.get("common_eval")}
     for tname in run.get("targets", []):
         chain = shared + [s for s in steps if s.get("target") == tname]
         rows, quality, tasks = [], [], []
@@ -110,7 +111,9 @@ def build_report(run_dir) -> dict:
              "speed": None}
         for s in chain:
             row = {"index": s["index"], "kind": s["kind"], "status": s["status"], "path": s["path"],
-                   "seconds": s.get("seconds")}
+                   "seconds": s.get("seconds"), "common": s.get("common")}
+            if s.get("common"):
+                t["common"] = s["common"]  # the last scored stage's: the target's final artifact
             if s["status"] == "skipped":
                 row["note"] = (s.get("metrics") or {}).get("skipped", "skipped")
                 rows.append(row)
@@ -180,7 +183,9 @@ def _speed_cells(sp: dict | None) -> list[str]:
     if sp["kind"] == MEASURED:
         return [f"measured on {sp.get('device') or '?'}", f_rate(sp["decode_tokens_per_s"]),
                 f_bytes(sp["peak_memory_bytes"]) + " peak"]
-    return ["PREDICTED (roofline, not measured)", "<= " + f_rate(sp["decode_tokens_per_s_upper_bound"]),
+    return ["PREDICTED (roofline, not measured)",
+            "<= " + f_rate(sp["decode_tokens_per_s_upper_bound"]) + " (bandwidth bound only; per-token launch and "
+            "dispatch overhead, which dominates small models, is not in it)",
             f_bytes(sp["predicted_peak_memory_bytes"]) + " predicted"]
 
 
@@ -194,8 +199,8 @@ def _fit_cell(fit: dict | None) -> str:
 
 
 def summary_rows(rep: dict) -> tuple[list[str], list[list[str]]]:
-    cols = ["target", "bundle", "size", "runtime / precision", "fit verdict", "final ppl", "final task", "speed is",
-            "decode tok/s", "memory"]
+    cols = ["target", "bundle", "size", "runtime / precision", "fit verdict", "final ppl", "final ppl, common text",
+            "final task", "speed is", "decode tok/s", "memory"]
     rows = []
     for t in rep["targets"]:
         b = t["bundle"] or {}
@@ -203,19 +208,30 @@ def summary_rows(rep: dict) -> tuple[list[str], list[list[str]]]:
         tl = t.get("tasks") and t["tasks"][-1]
         task = f"{tl['metric']} {tl['after']:.2f}" if tl else "-"
         rows.append([t["name"], b.get("path", "-"), f_bytes(b.get("bytes")),
-                     f"{b.get('runtime', '-')} / {b.get('precision', '-')}", _fit_cell(t["fit"]), f_ppl(last), task,
+                     f"{b.get('runtime', '-')} / {b.get('precision', '-')}", _fit_cell(t["fit"]), f_ppl(last),
+                     f_common(t.get("common")), task,
                      *_speed_cells(t["speed"])])
     return cols, rows
 
 
 def stage_rows(t: dict) -> tuple[list[str], list[list[str]]]:
-    cols = ["#", "stage", "status", "ppl before", "ppl after", "scored on", "task (x100)", "note"]
+    cols = ["#", "stage", "status", "seconds", "ppl before", "ppl after", "scored on", "ppl, common text",
+            "task (x100)", "note"]
     rows = []
     for r in t["stages"]:
         q = r.get("quality") or {}
-        rows.append([str(r["index"]), r["kind"], r["status"], f_ppl(q.get("ppl_before")), f_ppl(q.get("ppl_after")),
-                     q.get("text", ""), f_task(r.get("task")), r.get("note", "")])
+        secs = r.get("seconds")
+        rows.append([str(r["index"]), r["kind"], r["status"], "-" if secs is None else f"{secs:.1f}",
+                     f_ppl(q.get("ppl_before")), f_ppl(q.get("ppl_after")), q.get("text", ""),
+                     f_common(r.get("common")), f_task(r.get("task")), r.get("note", "")])
     return cols, rows
+
+
+def f_common(c: dict | None) -> str:
+    """A stage's perplexity on the recipe's common text, or why it has none."""
+    if not c:
+        return "-"
+    return f_ppl(c["perplexity"]) if "perplexity" in c else "not scored: " + c.get("error", "?")
 
 
 # ------------------------------------------------------------------------------------------------------ plots
@@ -238,7 +254,7 @@ def plot_quality(rep: dict, path: Path) -> dict:
         labels += [q["stage"] for q in t["quality"] if q["stage"] not in labels]
     labels.sort(key=lambda s: int(s.split()[0]))
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(labels) + 2), 4.2))
-    drawn, n = {}, max(1, len(rep["targets"]))
+    drawn, commons, n = {}, {}, max(1, len(rep["targets"]))
     for i, t in enumerate(rep["targets"]):
         dx = (i - (n - 1) / 2) * 0.08
         pts = []
@@ -252,15 +268,24 @@ def plot_quality(rep: dict, path: Path) -> dict:
                             xytext=(4, 0), fontsize=7, color=f"C{i}")  # shared stages: labelled once
             pts.append((q["stage"], before, q["ppl_after"]))
         drawn[t["name"]] = pts
+        # the common text (recipe eval_text): one protocol for every stage, so these points may be joined
+        common = [(labels.index(f"{r['index']} {r['kind']}") + dx + 0.2, r["common"]["perplexity"])
+                  for r in t["stages"] if f"{r['index']} {r['kind']}" in labels and (r.get("common") or {}).get("perplexity")]
+        if common:
+            ax.plot(*zip(*common), linestyle=":", marker="s", markersize=4, color=f"C{i}", alpha=0.7,
+                    label="common text (dotted; colour = target)" if i == 0 else None)
+            commons[f"{t['name']} (common text)"] = common
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xticklabels(labels, fontsize=8, rotation=15)
     ax.set_ylabel("perplexity: before -> after the stage")
-    ax.set_title("quality across stages (each segment: one stage on its own held-out text)", fontsize=10)
+    ax.set_title("quality across stages (segments: each stage on its own held-out text; dotted squares: every stage "
+                 "on the recipe's common text)" if rep.get("common_eval") else
+                 "quality across stages (each segment: one stage on its own held-out text)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return drawn
+    return drawn | commons
 
 
 def plot_speed(rep: dict, path: Path) -> dict:
@@ -276,22 +301,31 @@ def plot_speed(rep: dict, path: Path) -> dict:
         kinds.append(sp["kind"])
         rate.append((sp["decode_tokens_per_s"] if m else sp["decode_tokens_per_s_upper_bound"]) or 0.0)
         mem.append(((sp["peak_memory_bytes"] if m else sp["predicted_peak_memory_bytes"]) or 0) / 2**20)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(names) + 3), 4.4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(names) + 3), 4.8))
     for ax, vals, ylabel in ((a1, rate, "decode tokens/s (log scale)"), (a2, mem, "memory, MiB")):
         for i, (v, k) in enumerate(zip(vals, kinds)):
-            ax.bar(i, v, color="tab:blue" if k == MEASURED else "white", edgecolor="tab:blue" if k == MEASURED else "gray",
-                   hatch=None if k == MEASURED else "//")
-            ax.annotate(k, (i, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+            if k == MEASURED or ax is a2:
+                ax.bar(i, v, color="tab:blue" if k == MEASURED else "white",
+                       edgecolor="tab:blue" if k == MEASURED else "gray", hatch=None if k == MEASURED else "//")
+                ax.annotate(k, (i, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+            else:  # a bandwidth bound is a ceiling, not a speed: a capped line, never a bar beside a measured one
+                ax.plot([i - 0.35, i + 0.35], [v, v], color="gray", linestyle="--")
+                ax.plot([i], [v], marker="v", color="gray")
+                ax.annotate("upper bound\n(bandwidth only)", (i, v), textcoords="offset points", xytext=(0, 4),
+                            ha="center", fontsize=7)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
+        ax.margins(y=0.15)
     if any(rate):
         a1.set_yscale("log")
-    fig.suptitle("speed across targets: solid = measured, hatched = predicted (roofline upper bound)", fontsize=10)
+    fig.suptitle("speed across targets: bars = measured; dashed caps = roofline upper bounds (bandwidth only: launch "
+                 "and dispatch overhead not modelled, so small models run far below them)", fontsize=9, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return {"targets": names, "decode_tokens_per_s": rate, "memory_mib": mem, "kinds": kinds}
+    return {"targets": names, "decode_tokens_per_s": rate, "memory_mib": mem, "kinds": kinds,
+            "speed_drawn_as": ["bar" if k == MEASURED else "upper-bound cap" for k in kinds]}
 
 
 # --------------------------------------------------------------------------------------------------- writers
@@ -313,10 +347,21 @@ INTRO = ("Numbers are read from the stage manifests. Perplexity: each lossy stag
          "measurement) where it did not. Fit verdicts are predictions (targets.fit).")
 
 
+def common_note(rep: dict) -> str:
+    c = rep.get("common_eval")
+    if not c:
+        return ("No common text: each stage's perplexity above is on its own held-out text, so they do not chain; set "
+                "[recipe] eval_text to score the input and every stage's output on one text.")
+    return (f"Common text: the input and every stage's output scored on {c['text']} (sha256 {c['text_sha256'][:12]}, "
+            f"{c['protocol']['name']}, at most {c['max_tokens'] or 'all'} tokens), each through its own format's "
+            f"runtime on this CPU; the input model: {f_common(c.get('input'))}. A text any stage trained or "
+            "calibrated on favours that stage.")
+
+
 def render_markdown(rep: dict, plots: dict[str, str]) -> str:
     r = rep["run"]
     out = [f"# edgepack report: {r['name']}", "", f"Recipe `{r['recipe']}`, model `{r['model']}`, run `{r['run_dir']}`.",
-           "", INTRO, "", "## Summary", "", _md_table(*summary_rows(rep)), ""]
+           "", INTRO, "", common_note(rep), "", "## Summary", "", _md_table(*summary_rows(rep)), ""]
     for key, title in (("quality", "Quality across stages"), ("speed", "Speed across targets")):
         if key in plots:
             out += [f"## {title}", "", f"![{title}]({plots[key]})", ""]
@@ -341,7 +386,7 @@ def render_html(rep: dict, plots_b64: dict[str, str]) -> str:
              f"<h1>edgepack report: {html.escape(str(r['name']))}</h1>",
              f"<p>Recipe <code>{html.escape(str(r['recipe']))}</code>, model <code>{html.escape(str(r['model']))}</code>,"
              f" run <code>{html.escape(r['run_dir'])}</code>.</p><p>{md_bold}</p>",
-             "<h2>Summary</h2>", _html_table(*summary_rows(rep))]
+             f"<p>{html.escape(common_note(rep))}</p>", "<h2>Summary</h2>", _html_table(*summary_rows(rep))]
     for key, title in (("quality", "Quality across stages"), ("speed", "Speed across targets")):
         if key in plots_b64:
             parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{plots_b64[key]}'>")

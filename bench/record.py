@@ -46,6 +46,13 @@ def _headline(points: list[dict]) -> dict:
             "bandwidth_utilization": first.get("bandwidth_utilization")}
 
 
+SPEEDUP_IS = ("ours decode tok/s measured in the same seconds as the baseline, run for run (decode_tokens_per_s_paired)"
+              " / the baseline's decode tok/s; ours alone (decode_tokens_per_s) was measured before the baseline loaded")
+# greedy tokens of an artifact and its own base agree far above this even at INT4 (the random prompts of the bench
+# protocol); a different model agrees on a few percent
+MIN_BASELINE_AGREEMENT = 0.5
+
+
 def finish_record(record: dict, points: list[dict], base_points: list[dict] | None = None) -> dict:
     """Add per-point bandwidth utilisation, headline figures, the baseline and speedups; drop internal fields."""
     bw = record["target"]["bandwidth_bytes_per_s"]
@@ -63,8 +70,15 @@ def finish_record(record: dict, points: list[dict], base_points: list[dict] | No
             ours["speedup"] = _ratio(ours.get("decode_tokens_per_s_paired", ours.get("decode_tokens_per_s")),
                                      base.get("decode_tokens_per_s"))
         record["baseline"] = {"runtime": "hf", "method": "transformers generate, greedy, same process, runs "
-                              "alternating with ours", **_headline(base_points), "points": base_points}
+                              "alternating with ours", **_headline(base_points), "points": base_points,
+                              "speedup_is": SPEEDUP_IS}
         record["speedup"] = points[0]["speedup"]
+        agree = [b.get("token_agreement") for b in base_points if b.get("token_agreement") is not None]
+        if agree and min(agree) < MIN_BASELINE_AGREEMENT:
+            record["baseline"]["warning"] = (
+                f"the baseline agrees with the artifact on only {min(agree):.0%} of greedy tokens: it is not the "
+                "model this artifact was made from, so the speedup compares two different models -- pass "
+                "--baseline-model with the checkpoint the artifact came from")
     return record
 
 
@@ -142,13 +156,21 @@ def _f(x, digits=1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+def _with_spread(median, p10, p90) -> str:
+    """'median (p10-p90)', or only what exists: an unmeasured record shows '-', never '- (---)'."""
+    if median is None:
+        return "-"
+    return _f(median) + (f" ({_f(p10)}-{_f(p90)})" if p10 is not None and p90 is not None else "")
+
+
 def point_rows(rec: dict) -> tuple[list[str], list[list[str]]]:
     cols = ["prompt", "gen", "batch", "decode tok/s (p10-p90)", "prefill tok/s", "TTFT ms", "peak mem",
             "predicted mem", "bytes/token", "MBU", "roofline tok/s"]
     rows = []
     for p in rec["points"]:
         rows.append([str(p["prompt_len"]), str(p["gen_len"]), str(p["batch"]),
-                     f"{_f(p.get('decode_tokens_per_s'))} ({_f(p.get('decode_tokens_per_s_p10'))}-{_f(p.get('decode_tokens_per_s_p90'))})",
+                     _with_spread(p.get("decode_tokens_per_s"), p.get("decode_tokens_per_s_p10"),
+                                  p.get("decode_tokens_per_s_p90")),
                      _f(p.get("prefill_tokens_per_s")), _f(p.get("ttft_ms"), 2), _mib(p.get("peak_memory_bytes")),
                      _mib(p.get("predicted_peak_memory_bytes")), _mib(p.get("bytes_per_token")),
                      "-" if p.get("bandwidth_utilization") is None else f"{p['bandwidth_utilization']:.1%}",
@@ -166,7 +188,8 @@ def compare_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         p = r["points"][0]
         rows.append([label(r), str(r["device"].get("name", "?")), str(r["device"].get("threads", "-")),
                      f"{p.get('prompt_len')}/{p.get('gen_len')}/b{p.get('batch')}",
-                     f"{_f(r['decode_tokens_per_s'])} ({_f(p.get('decode_tokens_per_s_p10'))}-{_f(p.get('decode_tokens_per_s_p90'))})",
+                     _with_spread(r["decode_tokens_per_s"], p.get("decode_tokens_per_s_p10"),
+                                  p.get("decode_tokens_per_s_p90")),
                      "-" if not ref or r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s'] / ref:.2f}x",
                      _f(r["prefill_tokens_per_s"]), _f(r["ttft_ms"], 2), _mib(r["peak_memory_bytes"]),
                      _mib(r.get("artifact_bytes")),

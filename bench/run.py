@@ -234,7 +234,7 @@ def run_bench(art, cfg: BenchConfig, target, *, progress=None) -> dict:
 
     errs = cfg.validate()
     if errs:
-        raise ConfigError("bench settings: " + "; ".join(errs), "fix the values named")
+        raise ConfigError("bench settings: " + "; ".join(errs), "change the values named (each says what it must be)")
     say = progress or (lambda msg: None)
     runtime = resolve_runtime(art, cfg.runtime)
     check_target(target, runtime)

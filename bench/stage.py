@@ -64,7 +64,7 @@ def predict_bench(art: Artifact, cfg: BenchConfig, target, reason: str) -> dict:
     if errs:
         from edgepack.errors import ConfigError
 
-        raise ConfigError("bench settings: " + "; ".join(errs), "fix the values named")
+        raise ConfigError("bench settings: " + "; ".join(errs), "change the values named (each says what it must be)")
     precision = artifact_precision(art)
     runtime = art.extra.get("runtime")  # refines fit's runtime overhead where it is measured per runtime
     points = []

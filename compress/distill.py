@@ -322,12 +322,15 @@ def distill(src: Artifact, cfg: DistillConfig, target, out: Path, *, force: bool
 
     with progress("distill steps", total=cfg.steps, enabled=show_progress) as update:
         run = train(student, teacher, train_chunks, eval_fn, cfg, ckpt, on_step=update)
-    after = heldout_perplexity(student, tok, heldout)
+    with progress("distill: held-out perplexity and KL to the teacher (all held-out tokens)",
+                  enabled=show_progress) as update:
+        after = heldout_perplexity(student, tok, heldout, progress=update)
+        kl = kl_to_teacher(student, teacher, heldout, cfg.seq_len)
     metrics = {
         "teacher": str(teacher_art.path), "teacher_ppl": round(teacher_ppl.perplexity, 6),
         "ppl_before": round(student_ppl.perplexity, 6), "ppl_after": round(after.perplexity, 6),
         "ratio_to_teacher": round(after.perplexity / teacher_ppl.perplexity, 4),
-        "kl_to_teacher": round(kl_to_teacher(student, teacher, heldout, cfg.seq_len), 5),
+        "kl_to_teacher": round(kl, 5),
         "steps": run["step"], "best_step": run["best_step"], "stopped": run["stopped"],
         "resumed_from_step": run["resumed_from"], "train_seconds": round(run["train_seconds"], 1),
         "train_cpu_seconds": round(run.get("train_cpu_seconds", 0.0), 1), "threads": torch.get_num_threads(),

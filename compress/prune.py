@@ -91,13 +91,13 @@ def chunk(ids: list[int], seq_len: int, max_tokens: int | None = None):
     return torch.tensor(ids[:n], dtype=torch.long).reshape(-1, seq_len)
 
 
-def heldout_perplexity(model, tokenizer, heldout: list[int], max_tokens: int | None = None):
+def heldout_perplexity(model, tokenizer, heldout: list[int], max_tokens: int | None = None, progress=None):
     """edgepack-ppl-v1 perplexity of the held-out ids (BOS prepended once) -> PplResult."""
     from edgepack.quality import PplProtocol, hf_logits_fn, perplexity
 
     proto = PplProtocol(max_tokens=max_tokens).resolved(getattr(model.config, "max_position_embeddings", None))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return perplexity(hf_logits_fn(model), bos + list(heldout), proto)
+    return perplexity(hf_logits_fn(model), bos + list(heldout), proto, progress)
 
 
 # ------------------------------------------------------------------------------------------------ model verb
@@ -161,6 +161,10 @@ def prune(src: Artifact, cfg: PruneConfig, target, out: Path, *, force: bool = F
     from edgepack.hf import load_model, load_tokenizer, save_model
 
     target_info = _check_target(cfg, target)  # before any weights load
+    if cfg.method == "width":
+        from edgepack.facts import read_model_config
+
+        pa.width_plan(read_model_config(src.path), cfg.sparsity, cfg.kv_sparsity)
     t0 = time.perf_counter()
     calib_path = text_path(cfg.calib)
     tok = load_tokenizer(src.path)

@@ -268,6 +268,27 @@ def width_scores(model, calib: torch.Tensor) -> tuple[list[torch.Tensor], list[t
     return mlp, kv
 
 
+def width_plan(config: dict, mlp_fraction: float, kv_fraction: float = 0.0) -> tuple[int, int]:
+    """(MLP channels, KV groups) that width pruning keeps, from the model's config.json alone, so an impossible
+    request fails before any weights load. transformers refuses a Llama-style config whose hidden_size is not a
+    multiple of its attention heads (even with an explicit head_dim), so only such head counts are offered."""
+    inter, n_kv = int(config["intermediate_size"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    hidden, group = int(config["hidden_size"]), int(config["num_attention_heads"]) // n_kv
+    keep_mlp = inter - int(round(inter * mlp_fraction))
+    keep_kv = n_kv - int(round(n_kv * kv_fraction))
+    if keep_mlp < 1 or keep_kv < 1:
+        raise ConfigError(f"width pruning would leave {keep_mlp} MLP channels and {keep_kv} KV groups",
+                          "use smaller fractions: at least one channel and one KV group must remain")
+    if hidden % (keep_kv * group):
+        valid = [f"{(n_kv - k) / n_kv:g} (keeps {k} KV groups, {k * group} heads)" for k in range(n_kv - 1, 0, -1)
+                 if hidden % (k * group) == 0]
+        raise ConfigError(f"kv_sparsity {kv_fraction:g} keeps {keep_kv} of {n_kv} KV groups = {keep_kv * group} "
+                          f"attention heads, and hidden_size {hidden} is not a multiple of {keep_kv * group} "
+                          "(transformers cannot load such a config)",
+                          "use kv_sparsity " + (" or ".join(valid) if valid else "0 (no KV group can go)"))
+    return keep_mlp, keep_kv
+
+
 def shrink_width(model, calib: torch.Tensor, mlp_fraction: float, kv_fraction: float = 0.0):
     """A new model with the same number of channels removed from every layer (a Llama config holds one
     intermediate_size and one head count): the lowest-scoring mlp_fraction of MLP channels and kv_fraction of KV
@@ -276,12 +297,8 @@ def shrink_width(model, calib: torch.Tensor, mlp_fraction: float, kv_fraction: f
 
     cfg = model.config
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    n_kv, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    keep_mlp = cfg.intermediate_size - int(round(cfg.intermediate_size * mlp_fraction))
-    keep_kv = n_kv - int(round(n_kv * kv_fraction))
-    if keep_mlp < 1 or keep_kv < 1:
-        raise ConfigError(f"width pruning would leave {keep_mlp} MLP channels and {keep_kv} KV groups",
-                          "use smaller fractions: at least one channel and one KV group must remain")
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    keep_mlp, keep_kv = width_plan(cfg.to_dict(), mlp_fraction, kv_fraction)
     mlp_scores, kv_scores = width_scores(model, calib)
     state = dict(model.state_dict())
     for i, _layer in enumerate(decoder_layers(model)):

@@ -103,8 +103,10 @@ register_float_method("fp8", precision="fp8", formats=("torch",))
 def _int4_gptq_kd(model, cfg, calib, info):
     """GPTQ, then codes and scales refined by distillation from the float model (compress/quant_refine.py)."""
     from edgepack.compress.quant_refine import gptq_kd_model_
+    from edgepack.progress import progress
 
-    codes, kd = gptq_kd_model_(model, calib, 4, cfg.group_size, cfg.symmetric, gptq_samples=cfg.calib_samples,
-                               steps=cfg.kd_steps, seed=cfg.seed)
+    with progress(f"int4-gptq-kd: GPTQ, then {cfg.kd_steps} distillation steps", total=cfg.kd_steps) as update:
+        codes, kd = gptq_kd_model_(model, calib, 4, cfg.group_size, cfg.symmetric, gptq_samples=cfg.calib_samples,
+                                   steps=cfg.kd_steps, seed=cfg.seed, progress=update)
     info.update(kd)
     return codes

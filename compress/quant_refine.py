@@ -35,14 +35,16 @@ TEACHER_CACHE_BYTES = 512 * 2**20  # cache the fp32 logits of the calibration wi
 
 def gptq_kd_model_(model, calib_ids: torch.Tensor, bits: int = 4, group_size: int = 32, symmetric: bool = False,
                    gptq_samples: int = 64, steps: int = 300, lr: float = 1e-2, scale_lr: float = 1e-3,
-                   batch: int = 8, val_samples: int = 8, eval_every: int = 25, seed: int = 0) -> tuple[dict, dict]:
+                   batch: int = 8, val_samples: int = 8, eval_every: int = 25, seed: int = 0,
+                   progress=None) -> tuple[dict, dict]:
     """Quantize every decoder linear with GPTQ (on the first `gptq_samples` windows of calib_ids [n, seq_len]), then
     refine codes and scales by distillation (see the module doc) on the remaining windows but the last
     `val_samples`, which pick the checkpoint. Writes the dequantized weights into the model.
 
     Returns ({name: QuantizedWeight}, info) with info: KL before / after on the held-out windows, best step, seconds.
     lr: Adam step for the rounding offsets (quantization steps); scale_lr: for the log scale corrections. Both decay
-    linearly to 0. Deterministic for a seed (batch order from a seeded generator, zero init)."""
+    linearly to 0. Deterministic for a seed (batch order from a seeded generator, zero init). progress(step, steps)
+    is called after every distillation step."""
     import copy
 
     n = calib_ids.shape[0]
@@ -88,6 +90,8 @@ def gptq_kd_model_(model, calib_ids: torch.Tensor, bits: int = 4, group_size: in
             loss.backward()
             opt.step()
             sched.step()
+            if progress:
+                progress(step, steps)
             if step % eval_every == 0 or step == steps:
                 kl = val_kl()
                 if kl < best[0]:

@@ -58,6 +58,7 @@ class QuantizeConfig:
     kd_steps: int = 300  # int4-gptq-kd: distillation steps (batches of 8 windows) after GPTQ (compress/quant_refine.py)
     kd_samples: int = 256  # int4-gptq-kd: calibration windows for distillation (GPTQ uses the first calib_samples)
     seed: int = 0  # int4-gptq-kd: batch order of the distillation
+    threads: int | None = None  # torch CPU threads (None: torch's default; 1 avoids oversubscription on a busy CPU)
     task: str = field(default="", metadata={"path": True})  # task file (edgepack.tasks): task metrics before / after
     task_samples: int | None = 64  # held-out task items scored (None: all)
     max_task_drop: float | None = None  # points the task metric may fall; more fails the stage and writes nothing
@@ -91,6 +92,8 @@ class QuantizeConfig:
             errs.append("exporter must be dynamo or torchscript")
         if self.eval_max_tokens is not None and self.eval_max_tokens < 16:
             errs.append("eval_max_tokens must be >= 16")
+        if self.threads is not None and self.threads < 1:
+            errs.append("threads must be >= 1")
         if self.kd_steps < 0 or self.kd_samples < 2:
             errs.append("kd_steps must be >= 0 and kd_samples >= 2")
         return errs
@@ -207,6 +210,10 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
     from edgepack.quality import PplProtocol, hf_logits_fn, logits_parity, perplexity, probe_ids, token_stream
 
     t0 = time.perf_counter()
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     calib_text, eval_text, texts = split_texts(cfg)
     model = load_model(src, device="cpu", dtype=_float32())
     tok = load_tokenizer(src.path)

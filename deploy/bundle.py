@@ -141,7 +141,7 @@ def make_bundle(artifact, target, out, cfg: BundleConfig = BundleConfig(), *, fo
 
     errs = cfg.validate()
     if errs:
-        raise ConfigError("bundle settings: " + "; ".join(errs), "fix the values named")
+        raise ConfigError("bundle settings: " + "; ".join(errs), "change the values named (each says what it must be)")
     art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
     art.verify()
     runtime = resolve_runtime(art, cfg.runtime)
@@ -554,3 +554,24 @@ def open_bundle(path, workdir=None) -> Path:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def is_bundle(path) -> bool:
+    """A bundle .tar (any file) or a directory holding bundle.json."""
+    path = Path(path)
+    return path.is_file() or (path / BUNDLE_MANIFEST).is_file()
+
+
+def open_runnable(path, workdir=None, *, trust_pickle: bool = False) -> tuple[Artifact, Path, dict | None, dict]:
+    """What serve, generate and bench run: (artifact, tokenizer directory, bundle manifest or None, runtime.json or
+    {}) of a bundle directory or .tar (verified; a .tar is unpacked safely under `workdir`, else a temporary
+    directory) or of an artifact / checkpoint directory."""
+    from edgepack.facts import read_runtime_json
+
+    path = Path(path)
+    if not is_bundle(path):
+        art = open_artifact(path, trust_pickle=trust_pickle)
+        return art, art.path, None, {}
+    root = open_bundle(path, workdir)
+    manifest, rcfg = read_bundle_manifest(root), read_runtime_json(root)
+    return open_artifact(root / "artifact"), root / rcfg.get("tokenizer", "artifact"), manifest, rcfg

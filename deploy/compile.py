@@ -32,7 +32,7 @@ from pathlib import Path
 from edgepack.artifact import Artifact, ArtifactWriter, WorkDir, check_output_dir, link_files, stage_record
 from edgepack.compress.quant_methods import METHODS
 from edgepack.deploy.onnx_export import EXPORTERS
-from edgepack.errors import ConfigError, MissingDependency, UnsupportedOnTarget, ValidationFailed
+from edgepack.errors import ORT_GPU_INSTALL, ConfigError, MissingDependency, UnsupportedOnTarget, ValidationFailed
 
 COMPILE_RUNTIMES = ("onnxruntime",)  # runtimes this stage can build for
 QUANT_METHOD = {"int8": "int8"}  # precision -> quantize method; int4 uses cfg.int4_method
@@ -55,7 +55,7 @@ class CompileConfig:
     builder: str = field(default="auto", metadata={"choices": BUILDERS})  # auto | edgepack (torch.onnx export + quantize stage) | genai (onnxruntime-genai builder)
     genai_options: tuple[str, ...] = ()  # genai int4: KEY=VALUE over deploy/genai_builder.py GENAI_INT4_DEFAULTS
     measure_tokens: int = 32  # greedy tokens decoded after compiling to record decode tokens/s; 0 = skip
-    threads: int | None = None  # onnxruntime intra-op threads recorded for the runtime; None = physical cores
+    threads: int | None = None  # onnxruntime intra-op threads recorded for the runtime; None = the idle physical cores (choose_threads)
     max_context: int = 0  # GPU runtimes: static KV cache / engine profile length, tokens; 0 = model's, at most 4096
     max_batch: int = 1  # GPU runtimes: largest batch the static cache / TensorRT profiles allow
     # torch-cuda: torch.compile the decode step (cached under ~/.cache/edgepack); off until measured to pay for its
@@ -112,7 +112,8 @@ def choose_path(cfg: CompileConfig, target, src_precision: str | None = None) ->
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise MissingDependency("onnxruntime-gpu", "onnx", f"onnxruntime's CUDA execution provider, to run on "
-                                    f"'{target.name}'; this onnxruntime only has {', '.join(ort.get_available_providers())}")
+                                    f"'{target.name}'; this onnxruntime only has {', '.join(ort.get_available_providers())}",
+                                    install=ORT_GPU_INSTALL)
     note = ""
     if src_precision is not None:  # an ONNX artifact is compiled as it is
         precision = src_precision

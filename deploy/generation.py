@@ -23,9 +23,23 @@ class GenerationConfig:
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    # OpenAI semantics: logit[j] -= frequency_penalty * c[j] + presence_penalty * (c[j] > 0), c[j] = times token j was
+    # generated so far (the prompt does not count); logit_bias ((id, bias), ...) is added to the logits. Greedy too.
+    presence_penalty: float = 0.0  # -2..2
+    frequency_penalty: float = 0.0  # -2..2
+    logit_bias: tuple[tuple[int, float], ...] = ()  # bias in -100..100 per token id
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     def validate(self) -> list[str]:
         errs = []
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                errs.append(f"{name} must be in [-2, 2]")
+        if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            errs.append("logit_bias values must be in [-100, 100]")
         if self.max_new_tokens < 1:
             errs.append("max_new_tokens must be >= 1")
         if self.temperature < 0:
@@ -80,13 +94,30 @@ def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Genera
     return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
 
+def adjust_logits(logits: np.ndarray, cfg: GenerationConfig, counts: np.ndarray | None) -> np.ndarray:
+    """logits [B, V] with cfg's logit_bias added and the presence / frequency penalties of counts [B, V] (tokens
+    generated so far per row) subtracted; unchanged (the same array) when cfg asks for neither."""
+    if not cfg.adjusts_logits:
+        return logits
+    z = np.array(logits, dtype=np.float64)
+    for tok, bias in cfg.logit_bias:
+        if 0 <= tok < z.shape[-1]:
+            z[:, tok] += bias
+    if counts is not None:
+        z -= cfg.frequency_penalty * counts + cfg.presence_penalty * (counts > 0)
+    return z
+
+
 def generate(runtime, input_ids, cfg: GenerationConfig, on_token=None, sync=None) -> GenerationResult:
     """Run prefill + decode on `runtime`. on_token(ids [B]) is called as tokens appear (streaming).
     `sync` (e.g. torch.cuda.synchronize) is called before each clock read on asynchronous devices."""
     errs = cfg.validate()
     if errs:
-        raise ConfigError("generation settings: " + "; ".join(errs), "fix the values named")
+        raise ConfigError("generation settings: " + "; ".join(errs), "change the values named (each says what it must be)")
     if hasattr(runtime, "generate_on_device"):  # GPU runtimes (torch-cuda) sample where the logits are
+        if cfg.adjusts_logits:
+            raise ConfigError(f"presence_penalty, frequency_penalty and logit_bias are not implemented for the "
+                              f"{getattr(runtime, 'name', 'GPU')} runtime's on-device sampling", "leave them unset")
         return runtime.generate_on_device(input_ids, cfg, on_token=on_token, sync=sync)
     ids = np.asarray(input_ids, dtype=np.int64)
     if ids.ndim == 1:
@@ -97,7 +128,9 @@ def generate(runtime, input_ids, cfg: GenerationConfig, on_token=None, sync=None
     sync = sync or (lambda: None)
     sync()
     t0 = time.perf_counter()
-    nxt = sample_next(runtime.prefill(ids), cfg, rng)
+    logits = runtime.prefill(ids)
+    counts = np.zeros(np.shape(logits), np.float64) if cfg.adjusts_logits else None
+    nxt = sample_next(adjust_logits(logits, cfg, counts), cfg, rng)
     sync()
     ttft = time.perf_counter() - t0
     out = [nxt]
@@ -107,7 +140,9 @@ def generate(runtime, input_ids, cfg: GenerationConfig, on_token=None, sync=None
     done = np.isin(nxt, list(stop)) if stop else np.zeros(len(nxt), bool)
     while len(out) < cfg.max_new_tokens and not done.all():
         t = time.perf_counter()
-        nxt = sample_next(runtime.decode_step(nxt), cfg, rng)
+        if counts is not None:
+            counts[np.arange(len(nxt)), nxt] += 1
+        nxt = sample_next(adjust_logits(runtime.decode_step(nxt), cfg, counts), cfg, rng)
         sync()
         lat.append(time.perf_counter() - t)
         out.append(nxt)

@@ -13,26 +13,15 @@ Graph inputs are discovered from the session, so graphs without `position_ids` (
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from edgepack.deploy.runtime import process_rss_bytes
-from edgepack.errors import ArtifactError, ConfigError, MissingDependency, require
+from edgepack.deploy.runtime import choose_threads, process_rss_bytes
+from edgepack.errors import ORT_GPU_INSTALL, ArtifactError, ConfigError, MissingDependency, require
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 DEFAULT_MAX_LENGTH = 4096  # tokens the pre-allocated cache holds when the model's own limit is larger or unknown
-
-
-def default_threads() -> int:
-    """Physical cores: onnxruntime's matmuls do not gain from SMT siblings, and contend with them."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 class OrtRuntime:
@@ -48,12 +37,13 @@ class OrtRuntime:
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise MissingDependency("onnxruntime-gpu", "onnx", "onnxruntime with the CUDA execution provider; the "
-                                        "installed onnxruntime is CPU-only: replace it with onnxruntime-gpu")
+                                        "installed onnxruntime is CPU-only", install=ORT_GPU_INSTALL)
             providers.insert(0, "CUDAExecutionProvider")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = threads or default_threads()
+        # physical cores at most (onnxruntime's matmuls do not gain from SMT siblings), and only the idle ones
+        so.intra_op_num_threads, self.threads_why = choose_threads(threads)
         so.inter_op_num_threads = 1  # a decoder is one chain of ops: parallelism is inside the matmuls
         so.log_severity_level = 3  # errors only
         self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
@@ -112,7 +102,8 @@ class OrtRuntime:
     def describe(self) -> dict:
         import onnxruntime as ort
 
-        return {"runtime": self.name, "device": self.device, "threads": self.threads, "onnxruntime": ort.__version__,
+        return {"runtime": self.name, "device": self.device, "threads": self.threads, "threads_why": self.threads_why,
+                "onnxruntime": ort.__version__,
                 "io_binding": self.io_binding, "shared_kv_buffer": self.share_buffer, "max_length": self.max_length,
                 "precision": self.extra.get("precision", "fp32"), "made_by": self.extra.get("made_by", "unknown")}
 

@@ -66,11 +66,25 @@ def serve(path, cfg: ServeConfig) -> None:
     # uvicorn re-raises SIGTERM after a graceful shutdown; as SystemExit it still runs the cleanup below
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if not Path(path).is_file():  # a bundle or artifact directory (what the service unit serves): nothing to unpack
-        uvicorn_server(create_app(load_served(path, cfg), cfg), cfg).run()
+        run_until_signal(create_app(load_served(path, cfg), cfg), cfg)
         return
     with tempfile.TemporaryDirectory(prefix="edgepack-serve-") as tmp:  # a .tar is unpacked (safely) for the run
         served = load_served(path, cfg, tmp)
-        uvicorn_server(create_app(served, cfg), cfg).run()
+        run_until_signal(create_app(served, cfg), cfg)
+
+
+def run_until_signal(app, cfg: ServeConfig) -> None:
+    """uvicorn's run, but the first Ctrl-C / SIGTERM also stops the generations in flight (app.stop_generations),
+    so the graceful shutdown completes their responses at once."""
+    server = uvicorn_server(app, cfg)
+    uvicorn_exit = server.handle_exit  # uvicorn installs self.handle_exit as its signal handler
+
+    def handle_exit(sig, frame):
+        getattr(app, "stop_generations", lambda: None)()
+        uvicorn_exit(sig, frame)
+
+    server.handle_exit = handle_exit
+    server.run()
 
 
 class BackgroundServer:

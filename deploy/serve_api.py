@@ -1,8 +1,10 @@
 """The FastAPI application of `edgepack serve` (see deploy/serve.py for the engine, limits and metrics).
 
 OpenAI request/response shapes: https://platform.openai.com/docs/api-reference (completions, chat, streaming as
-server-sent events ending with `data: [DONE]`). Parameters we cannot honour (n > 1, echo, logprobs, best_of > 1)
-are refused with 400 rather than silently ignored; unknown extra fields are ignored, as OpenAI does.
+server-sent events ending with `data: [DONE]`). presence_penalty, frequency_penalty and logit_bias are applied with
+OpenAI's definitions (deploy/generation.py adjust_logits). Parameters we cannot honour (n > 1, echo, logprobs,
+best_of > 1, tools / functions) are refused with 400 rather than silently ignored; unknown extra fields are ignored,
+as OpenAI does.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class _Sampling(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     logprobs: bool | int | None = None
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with token counts
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
 
 
 class CompletionRequest(_Sampling):
@@ -65,6 +70,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    tools: list | None = None  # refused: this server does not call tools
+    functions: list | None = None  # the deprecated form of tools: refused too
 
 
 class _Counter:
@@ -166,6 +173,8 @@ def create_app(served: Served, cfg: ServeConfig):
     http = {"count": {}, "seconds": {}}
     state: dict = {}
 
+    device_sampling = any(hasattr(rt, "generate_on_device") for rt in list(served.pool.queue))
+
     def engine() -> Engine:  # created on first use, inside the server's event loop
         if "engine" not in state:
             state["engine"] = Engine(served, cfg)
@@ -243,9 +252,22 @@ def create_app(served: Served, cfg: ServeConfig):
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ApiError(400, "stop must be up to 4 non-empty strings", param="stop")
+        for name in ("tools", "functions"):
+            if getattr(req, name, None):
+                raise ApiError(400, f"{name} are not supported by this server (it does not call tools)", param=name)
+        bias = []
+        for key, value in (req.logit_bias or {}).items():
+            if not key.strip().isdigit() or not 0 <= int(key) < len(served.tokenizer) or not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias: '{key}': {value} must map a token id in [0, "
+                               f"{len(served.tokenizer)}) to a bias in [-100, 100]", param="logit_bias")
+            bias.append((int(key), float(value)))
         temp = 1.0 if req.temperature is None else req.temperature
         gen = GenerationConfig(max_new_tokens=max_tokens, temperature=temp, top_p=req.top_p or 1.0, seed=req.seed,
-                               stop_token_ids=served.eos)
+                               stop_token_ids=served.eos, presence_penalty=req.presence_penalty or 0.0,
+                               frequency_penalty=req.frequency_penalty or 0.0, logit_bias=tuple(sorted(bias)))
+        if gen.adjusts_logits and device_sampling:
+            raise ApiError(400, f"presence_penalty, frequency_penalty and logit_bias are not implemented for the "
+                           f"{served.runtime} runtime (it samples on the GPU)", param="logit_bias")
         e = engine()
         if e.full():
             e.metrics["rejected_queue_full"] += 1
@@ -374,4 +396,8 @@ def create_app(served: Served, cfg: ServeConfig):
         return await run(req, ids, gen, stops, "chat", request)
 
     app.state.started = time.time()
-    return _Counter(_Guard(app, cfg), http)
+    outer = _Counter(_Guard(app, cfg), http)
+    # on shutdown: in-flight generations end at their next token, so their responses finish within the graceful
+    # shutdown instead of being cancelled mid-response (an ASGI traceback) and holding the exit on worker threads
+    outer.stop_generations = lambda: state["engine"].stop() if "engine" in state else None
+    return outer

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import queue
 import threading
 import time
@@ -87,24 +86,18 @@ class Served:
 
 def load_served(path, cfg: ServeConfig, workdir=None) -> Served:
     """A bundle directory or .tar (verified; a .tar is unpacked safely under workdir), or an artifact directory."""
-    from edgepack.artifact import open_artifact
-    from edgepack.deploy.bundle import BUNDLE_MANIFEST, open_bundle
+    from edgepack.deploy.bundle import open_runnable
     from edgepack.deploy.runtime import open_runtime, resolve_runtime
-    from edgepack.facts import context_length, read_runtime_json
+    from edgepack.facts import context_length
     from edgepack.hf import load_tokenizer
 
     path = Path(path)
-    if path.is_file() or (path / BUNDLE_MANIFEST).is_file():
-        root = open_bundle(path, workdir)
-        manifest = json.loads((root / BUNDLE_MANIFEST).read_text())
-        rcfg = read_runtime_json(root)
-        art = open_artifact(root / "artifact")
-        tok_dir = root / rcfg.get("tokenizer", "artifact")
+    art, tok_dir, manifest, rcfg = open_runnable(path, workdir)
+    if manifest is not None:
         model_id, runtime = manifest["bundle_id"], cfg.runtime or manifest["runtime"]
         context, cap = rcfg.get("context"), cfg.max_tokens_cap or rcfg.get("max_tokens_cap") or 512
     else:
-        art = open_artifact(path)
-        tok_dir, model_id, runtime = path, path.name, resolve_runtime(art, cfg.runtime)
+        model_id, runtime = path.name, resolve_runtime(art, cfg.runtime)
         context, cap = None, cfg.max_tokens_cap or 512
     if context is None:
         context = context_length(art)
@@ -150,6 +143,10 @@ class Engine:
         self.lock = threading.Lock()  # worker threads update the counters below
         self.metrics = {"prompt_tokens": 0, "completion_tokens": 0, "rejected_queue_full": 0, "ttft_sum": 0.0,
                         "ttft_count": 0, "decode_tokens": 0, "decode_seconds": 0.0, "cancelled": 0, "peak_queued": 0}
+        self.stopping = threading.Event()  # the server is shutting down: every generation ends at its next token
+
+    def stop(self) -> None:
+        self.stopping.set()
 
     def full(self) -> bool:
         return self.active + self.waiting >= self.cfg.max_concurrency + self.cfg.queue
@@ -185,7 +182,7 @@ class Engine:
         state = {"emitted": "", "finish": "length"}
 
         def on_token(nxt):
-            if cancel is not None and cancel.is_set():
+            if (cancel is not None and cancel.is_set()) or self.stopping.is_set():
                 raise _Cancelled
             t = int(nxt[0])
             if t in self.s.eos:
@@ -280,7 +277,7 @@ def new_id(prefix: str) -> str:
 def check_config(cfg: ServeConfig) -> None:
     errs = cfg.validate()
     if errs:
-        raise ConfigError("serve settings: " + "; ".join(errs), "fix the values named")
+        raise ConfigError("serve settings: " + "; ".join(errs), "change the values named (each says what it must be)")
 
 
 def constant_time_equal(a: str, b: str) -> bool:

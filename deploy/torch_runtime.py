@@ -16,8 +16,10 @@ class TorchRuntime:
     def __init__(self, model, threads: int | None = None):
         import torch
 
-        if threads:
-            torch.set_num_threads(threads)
+        from edgepack.deploy.runtime import choose_threads
+
+        n, self.threads_why = choose_threads(threads)
+        torch.set_num_threads(n)
         self.model = model
         self.device = next(model.parameters()).device
         self.cache = None
@@ -62,7 +64,8 @@ class TorchRuntime:
     def describe(self) -> dict:
         import torch
 
-        return {"runtime": self.name, "device": str(self.device), "threads": self.threads, "torch": torch.__version__}
+        return {"runtime": self.name, "device": str(self.device), "threads": self.threads,
+                "threads_why": self.threads_why, "torch": torch.__version__}
 
 
 def open_torch_runtime(art, threads: int | None = None, device: str = "cpu", **_):

@@ -104,7 +104,7 @@ def build_config(cls, data: dict, where: str):
     if check is not None:
         errs = check()
         if errs:
-            raise ConfigError(f"{where}: " + "; ".join(errs), "fix the values named above")
+            raise ConfigError(f"{where}: " + "; ".join(errs), "change the values named (each says what it must be)")
     return cfg
 
 

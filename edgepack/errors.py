@@ -43,13 +43,18 @@ class ValidationFailed(EdgepackError):
 
 
 class MissingDependency(EdgepackError):
-    """An optional dependency is not installed."""
+    """An optional dependency is not installed. `install` replaces the extra's pip line where the extra is not what
+    is needed (onnxruntime-gpu: the onnx extra installs the CPU build)."""
 
-    def __init__(self, module: str, extra: str, why: str = ""):
+    def __init__(self, module: str, extra: str, why: str = "", install: str = ""):
         what = f"this needs the Python package '{module}'" + (f" ({why})" if why else "")
-        super().__init__(what, f"install it with: pip install 'edgepack[{extra}]'")
+        super().__init__(what, "install it with: " + (install or f"pip install 'edgepack[{extra}]'"))
         self.module = module
         self.extra = extra
+
+
+# onnxruntime and onnxruntime-gpu install the same module: the CPU build must go before the GPU build comes
+ORT_GPU_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (the 'onnx' extra is the CPU build)"
 
 
 def did_you_mean(word: str, choices) -> str:

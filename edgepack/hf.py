@@ -124,8 +124,18 @@ def load_tokenizer(path):
     try:
         return AutoTokenizer.from_pretrained(Path(path), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot load a tokenizer from '{path}': {str(exc).splitlines()[0]}",
+        raise ArtifactError(f"cannot load a tokenizer from '{path}': {first_sentences(str(exc)) or type(exc).__name__}",
                             "copy the tokenizer files (tokenizer.json, tokenizer_config.json) beside the model") from None
+
+
+def first_sentences(text: str, limit: int = 240) -> str:
+    """A library's message as one line: whitespace collapsed, cut after the last whole sentence within `limit`
+    characters (else at a word), never mid-word and never ending in a dangling separator."""
+    one = " ".join(text.split())
+    if len(one) <= limit:
+        return one.rstrip(" -:")
+    cut = one.rfind(". ", 0, limit)
+    return one[:cut + 1] if cut > 0 else one[:limit].rsplit(" ", 1)[0].rstrip(" -:,") + " ..."
 
 
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:

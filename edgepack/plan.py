@@ -47,7 +47,7 @@ from edgepack.errors import ConfigError, did_you_mean
 from edgepack.sources import fetch_model, is_hub_id, resolve_model, resolve_path, split_weight
 from edgepack.stages import StageSpec, get_stage
 
-_RECIPE_KEYS = {"name", "model", "targets", "workdir", "trust_pickle", "description"}
+_RECIPE_KEYS = {"name", "model", "targets", "workdir", "trust_pickle", "description", "eval_text", "eval_max_tokens"}
 
 
 @dataclass
@@ -74,6 +74,10 @@ class Recipe:
     source: str
     trust_pickle: bool = False
     description: str = ""
+    # one held-out text every stage's output (and the input) is also scored on, under one protocol, so quality reads
+    # across the chain; "" = none. eval_max_tokens caps the scored tokens (None: the whole text)
+    eval_text: str = ""
+    eval_max_tokens: int | None = 4096
 
 
 def load_recipe(path, workdir: Path | None = None, data: dict | None = None) -> Recipe:
@@ -140,7 +144,16 @@ def load_recipe(path, workdir: Path | None = None, data: dict | None = None) -> 
     wd = workdir or (resolve_path(head["workdir"], base) if "workdir" in head else Path("edgepack-runs") / name)
     return Recipe(name=name, model=resolve_model(str(head["model"]), base), targets=targets, workdir=Path(wd).absolute(),
                   steps=steps, source=str(path), trust_pickle=bool(head.get("trust_pickle", False)),
-                  description=str(head.get("description", "")))
+                  description=str(head.get("description", "")),
+                  eval_text=str(resolve_path(str(head["eval_text"]), base)) if head.get("eval_text") else "",
+                  eval_max_tokens=_max_tokens(head.get("eval_max_tokens", 4096), path))
+
+
+def _max_tokens(value, path) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 16):
+        return value
+    raise ConfigError(f"{path}: [recipe] eval_max_tokens must be an integer >= 16, got {value!r}",
+                      "e.g. eval_max_tokens = 4096")
 
 
 def _resolve_paths(value, base: Path):
@@ -188,8 +201,9 @@ class StepResult:
     target: str | None
     path: str
     status: str  # ran | cached | planned | skipped (path: the artifact passed on)
-    seconds: float
+    seconds: float  # the stage's run time; for a cached step, the time it took when it ran
     metrics: dict = field(default_factory=dict)
+    common: dict | None = None  # perplexity on the recipe's eval_text (or why it could not be scored)
 
 
 def _branches(recipe: Recipe):
@@ -212,9 +226,10 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[S
 
     def fold(art: Artifact, steps: list[Step], target, subdir: Path) -> Artifact:
         digest = art.digest() if not dry_run or art.path.exists() else "planned"
+        passed_on = art.path  # what the next step reads (in a dry run: the planned output of the step before)
         for step in steps:
             if step.spec.per_target and target is not None and target.name in step.skip:
-                res = StepResult(step.index, step.spec.kind, target.name, str(art.path), "skipped", 0.0,
+                res = StepResult(step.index, step.spec.kind, target.name, str(passed_on), "skipped", 0.0,
                                  {"skipped": step.skip[target.name]})
                 results.append(res)
                 if on_step and not dry_run:
@@ -232,6 +247,7 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[S
                 results.append(res)
                 # a cached step gives the real chained digest (so later cached steps show as cached); else a stand-in
                 digest = chain_digest(h, open_artifact(out).digest()) if res.status == "cached" else h
+                passed_on = out
                 continue
             t0 = time.perf_counter()
             if (out / MANIFEST_NAME).is_file():
@@ -241,7 +257,10 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[S
                 art = step.spec.function()(art, cfg, target if step.spec.per_target else None, out, force=True)
                 status = "ran"
             digest = chain_digest(h, art.digest())
-            res = StepResult(step.index, step.spec.kind, tname, str(out), status, round(time.perf_counter() - t0, 2),
+            # a cached step keeps the seconds it took when it ran (its manifest's record), not the 0.0 s of finding it
+            seconds = (art.history[-1].get("seconds", 0.0) if status == "cached" and art.history
+                       else time.perf_counter() - t0)
+            res = StepResult(step.index, step.spec.kind, tname, str(out), status, round(seconds, 2),
                              (art.history[-1].get("metrics") if art.history else {}) or {})
             results.append(res)
             if on_step:
@@ -253,7 +272,45 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[S
         for target in recipe.targets:
             fold(art, rest, target, recipe.workdir / target.name)
     if not dry_run:
+        common = score_common(recipe, src, results) if recipe.eval_text else None
         summary = {"recipe": recipe.source, "name": recipe.name, "model": str(recipe.model),
-                   "targets": [t.name for t in recipe.targets], "steps": [asdict(r) for r in results]}
+                   "targets": [t.name for t in recipe.targets], "steps": [asdict(r) for r in results],
+                   **({"common_eval": common} if common else {})}
         (recipe.workdir / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return results
+
+
+def score_common(recipe: Recipe, src: Artifact, results: list[StepResult]) -> dict:
+    """Score the input and every step's output on recipe.eval_text (edgepack-ppl-v1, eval_max_tokens), each artifact
+    through its own format's scorer (ONNX in onnxruntime, quantized weights as stored), so one number per stage
+    compares across the chain. Scores are cached in the workdir by (artifact digest, text sha256, tokens): a re-run
+    scores nothing again. An artifact this machine cannot score gets {"error": why}. Sets each result's `common`."""
+    from edgepack.errors import EdgepackError
+    from edgepack.quality import PplProtocol, evaluate_artifact
+
+    text_sha = sha256_file(Path(recipe.eval_text)) if Path(recipe.eval_text).is_file() else "missing"
+    cache_file = recipe.workdir / "common-eval.json"
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except json.JSONDecodeError:
+        cache = {}
+
+    def score(art: Artifact) -> dict:
+        key = f"{art.digest()}:{text_sha}:{recipe.eval_max_tokens}"
+        if key not in cache:
+            try:
+                r = evaluate_artifact(art, recipe.eval_text, PplProtocol(max_tokens=recipe.eval_max_tokens))
+                cache[key] = {"perplexity": round(r.perplexity, 6), "tokens": r.tokens}
+            except EdgepackError as exc:
+                cache[key] = {"error": exc.one_line()}
+        return cache[key]
+
+    out = {"text": Path(recipe.eval_text).name, "text_sha256": text_sha, "max_tokens": recipe.eval_max_tokens,
+           "protocol": PplProtocol(max_tokens=recipe.eval_max_tokens).describe(), "input": score(src)}
+    for r in results:
+        if r.status in ("ran", "cached"):
+            r.common = score(open_artifact(r.path))
+    tmp = cache_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    tmp.replace(cache_file)
+    return out

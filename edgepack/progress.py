@@ -6,11 +6,13 @@ import sys
 import time
 from contextlib import contextmanager
 
+PLAIN_EVERY_S = 15.0  # without a terminal: the longest silence between progress lines
+
 
 @contextmanager
 def progress(description: str, total: int | None = None, enabled: bool = True):
     """Yields update(done, total=None). Renders to stderr so stdout stays clean for tables and --json."""
-    if not enabled:
+    if not enabled or not is_rank_zero():
         yield lambda done, total=None: None
         return
     if sys.stderr.isatty():
@@ -32,16 +34,28 @@ def progress(description: str, total: int | None = None, enabled: bool = True):
 
             yield update
         return
-    state = {"next": 0.25, "t0": time.perf_counter()}
+    t0 = time.perf_counter()
+    state = {"next": 0.25, "last": t0}
+    print(f"  {description}: started" + (f" (0/{total})" if total else ""), file=sys.stderr, flush=True)
 
     def update(done, new_total=None):
         tot = new_total or total
-        if tot and done / tot >= state["next"]:
-            print(f"  {description}: {done}/{tot} ({time.perf_counter() - state['t0']:.0f} s)", file=sys.stderr, flush=True)
+        now = time.perf_counter()
+        # a line at every quarter, and at least every PLAIN_EVERY_S seconds, so a slow step never looks hung
+        if tot and (done / tot >= state["next"] or now - state["last"] >= PLAIN_EVERY_S):
+            print(f"  {description}: {done}/{tot} ({now - t0:.0f} s)", file=sys.stderr, flush=True)
+            state["last"] = now
             while state["next"] <= done / tot:
                 state["next"] += 0.25
 
     yield update
+
+
+def is_rank_zero() -> bool:
+    """False in the other processes of a torchrun / accelerate launch (RANK > 0): only rank 0 shows progress."""
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _console():

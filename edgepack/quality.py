@@ -194,11 +194,16 @@ def open_scorer(art):
 
 
 def read_text(path) -> tuple[str, str]:
-    """(text, sha256) of a UTF-8 text file, with a clear error when it is missing or not text."""
+    """(text, sha256) of a UTF-8 text file, with a clear error when it is missing or not text. A .jsonl / .json file
+    is read as records (tune/data.py records_text), never scored as raw JSON; the sha256 is still of the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"text file '{p}' does not exist", "pass a UTF-8 text file with --text")
     data = p.read_bytes()
+    if p.suffix.lower() in (".jsonl", ".json"):
+        from edgepack.tune.data import records_text
+
+        return records_text(p), hashlib.sha256(data).hexdigest()
     try:
         return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
     except UnicodeDecodeError:

@@ -44,15 +44,35 @@ def fetch_model(model) -> Path:
         return model
     from huggingface_hub import snapshot_download  # a dependency of transformers
 
-    from edgepack.errors import EdgepackError
-
     try:
         return Path(snapshot_download(model, allow_patterns=HUB_FILES))
     except Exception as exc:  # network, auth (gated models), offline cache miss: one line for the user
-        raise EdgepackError(f"cannot fetch '{model}' from the Hugging Face hub ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200]})",
-                            "check the id and your network; gated models (Llama) need 'huggingface-cli login' "
-                            "and an accepted licence; or set model to a local checkpoint directory") from None
+        raise _hub_error(model, exc) from None
+
+
+def fetch_config(model: str) -> Path:
+    """Only the config.json of a hub model (what `fit` needs: kilobytes, not the weights)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(model, "config.json"))
+    except Exception as exc:
+        raise _hub_error(model, exc) from None
+
+
+def is_hub_id_text(value: str) -> bool:
+    """Text shaped like a hub id ("org/name") that is not an existing local path."""
+    return bool(HUB_ID.match(value)) and not value.startswith(".") and not Path(value).exists()
+
+
+def _hub_error(model: str, exc: Exception):
+    from edgepack.errors import EdgepackError
+    from edgepack.hf import first_sentences
+
+    return EdgepackError(f"cannot fetch '{model}' from the Hugging Face hub ({type(exc).__name__}: "
+                         f"{first_sentences(str(exc), 200)})",
+                         "check the id and your network; gated models (Llama) need 'huggingface-cli login' "
+                         "and an accepted licence; or pass a local checkpoint directory")
 
 
 def resolve_path(value: str, base: Path) -> Path:

@@ -245,7 +245,7 @@ def evaluate_task(art, task, protocol: TaskProtocol = TaskProtocol(), *, runtime
 
     errs = protocol.validate()
     if errs:
-        raise ConfigError("task protocol: " + "; ".join(errs), "fix the values named")
+        raise ConfigError("task protocol: " + "; ".join(errs), "change the values named (each says what it must be)")
     items, prov = load_items(task, protocol)
     if opened is None:
         rt, tok = open_runtime(art, runtime, threads=threads), load_tokenizer(art.path)

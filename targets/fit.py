@@ -212,3 +212,41 @@ def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048,
         decode_tokens_per_s_limit=round(limit, 2), bandwidth_bytes_per_s=target.bandwidth_bytes_per_s,
         note="roofline prediction (bandwidth / bytes read per decode step), not a measurement",
     )
+
+
+def what_would_fit(cfg: dict, target: Target, precision: str, context: int, batch: int = 1,
+                   group_size: int = _DEFAULT_GROUP, runtime: str | None = None) -> list[str]:
+    """When `cfg` does not fit: what would, changing one thing at a time: a smaller precision this target runs, a
+    shorter context at this precision, or another packaged target at this precision and context."""
+    from edgepack.targets.profile import list_targets, load_target
+
+    out = []
+    smaller = []
+    for p in PRECISIONS:
+        if p != precision and target.supports(precision=p):
+            r = fit(cfg, target, p, context, batch, group_size, runtime=runtime)
+            if r.fits:
+                smaller.append((r.required_bytes, f"{p} on {target.name} (needs {r.required_bytes / 2**30:.2f} of "
+                                                  f"{r.usable_bytes / 2**30:.2f} GiB)"))
+    if smaller:
+        out.append(min(smaller)[1])
+    ctx = context // 2
+    while ctx >= 128:
+        r = fit(cfg, target, precision, ctx, batch, group_size, runtime=runtime)
+        if r.fits:
+            out.append(f"context {ctx} at {precision} on {target.name} (needs {r.required_bytes / 2**30:.2f} GiB)")
+            break
+        ctx //= 2
+    others = []
+    for name in list_targets():
+        if name in ("local", target.name):
+            continue
+        t = load_target(name)
+        if t.supports(precision=precision):
+            r = fit(cfg, t, precision, context, batch, group_size)
+            if r.fits:
+                others.append((r.usable_bytes, f"target {name} at {precision}, context {context} (usable "
+                                               f"{r.usable_bytes / 2**30:.1f} GiB)"))
+    if others:
+        out.append(min(others)[1])
+    return out or ["nothing changing one of precision, context or target: shard the model or use a larger device"]

@@ -330,3 +330,49 @@ def test_min_seconds_adds_runs_until_enough_wall_time(tiny_model):
     more = measure_point(rt, 4, 3, 1, runs=2, warmup=0, vocab=rt.model.config.vocab_size, min_seconds=0.3)
     assert exact["runs"] == 2 and exact["decode_steps"] == 2 * 2
     assert more["runs"] > 2 and more["decode_steps"] == more["runs"] * 2
+
+
+def test_baseline_table_names_its_figures_and_warns_on_a_foreign_baseline(tiny_model, tmp_path):
+    """The speedup is (ours, run for run with the baseline) / baseline: the table shows exactly those two figures;
+    a baseline that is not the artifact's own base (another model: few greedy tokens agree) is a warning."""
+    from conftest import make_tiny_llama
+
+    from edgepack.cli import cli
+
+    other = make_tiny_llama(tmp_path / "other", seed=7)
+    args = ["bench", str(tiny_model), "--prompt-len", "8", "--gen-len", "16", "--runs", "2", "--min-seconds", "0",
+            "--warmup", "0", "--threads", "1", "--target", "cpu-x86-64", "--baseline", "hf"]
+    own = CliRunner().invoke(cli, args)
+    foreign = CliRunner().invoke(cli, [*args, "--baseline-model", str(other)])
+    assert own.exit_code == 0 and foreign.exit_code == 0, own.output + foreign.output
+    assert "ours (b) tok/s" in own.stdout and "speedup b/a" in own.stdout and "warning" not in own.stderr
+    assert "warning: the baseline agrees with the artifact on only" in foreign.stderr
+    js = json.loads(CliRunner().invoke(cli, [*args, "--baseline-model", str(other), "--json"]).stdout.splitlines()[-1])
+    assert "not the model this artifact was made from" in js["baseline"]["warning"]
+    assert js["baseline"]["speedup_is"].startswith("ours decode tok/s measured in the same seconds")
+
+
+def test_bench_for_an_absent_target_says_so(tiny_model):
+    from edgepack.cli import cli
+    from edgepack.targets.profile import machine_arch
+
+    other = "cpu-arm64" if machine_arch() != "arm64" else "cpu-x86-64"
+    args = ["bench", str(tiny_model), "--prompt-len", "4", "--gen-len", "3", "--runs", "1", "--min-seconds", "0",
+            "--warmup", "0", "--threads", "1", "--target", other]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert f"warning: target '{other}' is" in res.stderr and "measured on THIS machine" in res.stderr
+    assert f"NOT {other} hardware: measured here" in res.stdout and "1 thread)" in res.stdout
+    rec = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout.splitlines()[-1])
+    assert rec["target_hardware"]["present"] is False and "this machine is" in rec["target_hardware"]["reason"]
+
+
+def test_compare_row_of_an_unmeasured_record_is_a_dash(tiny_record):
+    """A prediction record (bench stage for an absent target) has no measured decode speed: '-', not '- (---)'."""
+    pred = json.loads(json.dumps(tiny_record))
+    pred["decode_tokens_per_s"] = None
+    for p in pred["points"]:
+        p.update(decode_tokens_per_s=None, decode_tokens_per_s_p10=None, decode_tokens_per_s_p90=None)
+    cols, rows = compare_rows([tiny_record, pred])
+    col = cols.index("decode tok/s (p10-p90)")
+    assert rows[1][col] == "-" and "(" in rows[0][col]

@@ -310,3 +310,21 @@ def test_bundle_cli_refuses_with_one_line_and_reports_json(stories, tmp_path):
     rep = json.loads(r.output.strip().splitlines()[-1])
     assert rep["bundle_id"].startswith("stories260K-cpu-x86-64-") and rep["runtime"] == "torch-cpu"
     assert rep["bytes"] > 1_044_992  # the weights alone are 1,044,992 bytes
+
+
+def test_generate_and_device_prepare_take_a_bundle_tar_as_serve_does(stories, tmp_path):
+    tar = make_bundle(stories, load_target("cpu-x86-64"), tmp_path / "b.tar", BundleConfig())
+    runner = CliRunner()
+    args = ["--prompt", "Once upon a time", "--max-new-tokens", "8", "--json"]
+    from_tar = runner.invoke(cli, ["generate", str(tar), *args])
+    from_dir = runner.invoke(cli, ["generate", str(open_bundle(tar, tmp_path / "u")), *args])
+    from_art = runner.invoke(cli, ["generate", str(stories), *args])
+    assert from_tar.exit_code == 0 and from_dir.exit_code == 0, from_tar.output + from_dir.output
+    tokens = [json.loads(r.output.strip().splitlines()[-1])["tokens"] for r in (from_tar, from_dir, from_art)]
+    assert tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) == 8
+    prep = runner.invoke(cli, ["device", "prepare", str(tar), "--json"])
+    assert prep.exit_code == 0, prep.output
+    rep = json.loads(prep.output.strip().splitlines()[-1])
+    assert rep["runtime"] == "torch-cpu" and rep["bundle"] == str((tmp_path / "b.bundle" / "bundle").absolute())
+    again = runner.invoke(cli, ["device", "prepare", str(tar), "--json"])  # the unpacked copy is reused, verified
+    assert again.exit_code == 0, again.output

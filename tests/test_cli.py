@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -123,9 +124,102 @@ def test_demo_runs_offline_then_does_no_work(tmp_path):
     first = run("demo", "--workdir", tmp_path / "demo")
     assert first.exit_code == 0, first.output
     assert "stories260K" in first.stdout and "ppl" in first.stdout and "PREDICTED" in first.stdout
-    assert "Once upon a time" in first.output and "onnxruntime int4" in first.output  # text from the CPU bundle
+    assert "Once upon a time" in first.output and "its speed is the bench figure above" in first.output
+    assert "(bench: median" in first.stdout and "(quick check: one cold run" in first.stdout  # what each timed
+    html = tmp_path / "demo" / "report.html"
+    written = html.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    second = run("demo", "--workdir", tmp_path / "demo")
+    took = time.perf_counter() - t0
+    assert second.exit_code == 0 and "as it did in the first run" in second.stdout, second.output
+    assert "a re-run of 'edgepack demo' does no work" in second.stdout and "make demo" not in second.stdout
+    assert html.stat().st_mtime_ns == written and "unchanged: every stage was cached" in second.stdout
+    assert took < 10, took  # was 11.9 s (reports re-drawn, a runtime loaded to generate the same text again)
     again = last_json(run("demo", "--workdir", tmp_path / "demo", "--json"))
     assert {s["status"] for s in again["steps"]} == {"cached", "skipped"}
     assert {(s["kind"], s["target"]) for s in again["steps"] if s["kind"] == "bundle"} == {
         ("bundle", t) for t in ("a100-80gb", "h100-sxm", "jetson-orin-nano-8gb", "cpu-x86-64")}
     assert all(Path(p).is_file() for p in again["reports"]) and again["cpu_bundle"].endswith("bundle")
+
+
+def test_progress_speaks_at_once_and_only_on_rank_zero(monkeypatch, capsys):
+    """Without a terminal: a line when work starts (eval was silent for minutes), one at least every PLAIN_EVERY_S,
+    and nothing from the other ranks of a torchrun (every line printed twice under --nproc_per_node 2)."""
+    from edgepack import progress as pg
+
+    monkeypatch.setattr(pg, "PLAIN_EVERY_S", 0.0)
+    monkeypatch.setenv("RANK", "1")
+    with pg.progress("work", total=10) as update:
+        update(1)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    with pg.progress("work", total=10) as update:
+        update(1)
+    err = capsys.readouterr().err
+    assert err.startswith("  work: started (0/10)") and "work: 1/10" in err
+
+
+def test_library_noise_is_hidden_unless_edgepack_debug(stories):
+    """transformers' FutureWarnings and bitsandbytes' failed optional-kernel load are not the user's business;
+    EDGEPACK_DEBUG=1 shows them. The generate line says precision, threads and why."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "edgepack.cli", "generate", str(stories), "--prompt", "Once", "--max-new-tokens", "3",
+           "--threads", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "EDGEPACK_DEBUG"}
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    loud = subprocess.run(cmd, capture_output=True, text=True, env={**env, "EDGEPACK_DEBUG": "1"}, timeout=300)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr
+    assert "Warning" not in quiet.stderr and "FutureWarning" in loud.stderr
+    assert quiet.stderr.strip().startswith("[torch-cpu fp32: 3 tokens") and "1 thread (as asked)" in quiet.stderr
+    bnb = [sys.executable, "-c", "from edgepack.cli import quiet_libraries; quiet_libraries(); import bitsandbytes"]
+    assert "Failed to load" not in subprocess.run(bnb, capture_output=True, text=True, env=env, timeout=300).stderr
+
+
+def test_threads_default_to_the_idle_physical_cores(monkeypatch):
+    import os
+
+    from edgepack.deploy.runtime import choose_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 0.0, 0.0))
+    n, why = choose_threads(None)
+    assert n == 1 and "load average 3.2 on 4 CPUs leaves 0.8 idle" in why
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert choose_threads(None)[0] >= 1 and choose_threads(3) == (3, "as asked")
+
+
+def test_errors_under_json_are_json_too(tmp_path):
+    r = run("inspect", tmp_path / "nope", "--json")
+    assert r.exit_code == 1 and r.stderr.strip() == f"error: '{tmp_path / 'nope'}' does not exist -- check the path"
+    err = json.loads(r.stdout.strip().splitlines()[-1])["error"]
+    assert err["type"] == "ArtifactError" and err["hint"] == "check the path" and err["message"] in r.stderr
+
+
+def test_library_messages_become_one_whole_line():
+    from edgepack.hf import first_sentences
+
+    long = "Can't load tokenizer for 'x'.\nIf you were trying to load it from 'https://huggingface.co/models', make " \
+           "sure you don't have a local directory with the same name. Otherwise, make sure 'x' is the correct path " \
+           "to a directory containing all relevant files for a LlamaTokenizerFast tokenizer. --"
+    out = first_sentences(long, limit=200)
+    assert "\n" not in out and out.endswith(".") and not out.endswith("--") and len(out) <= 200
+    assert first_sentences("broken config --\n") == "broken config"
+
+
+def test_bench_help_names_its_default_subcommand():
+    out = run("bench", "--help").stdout
+    assert "edgepack bench ARTIFACT [OPTIONS]      is short for: edgepack bench run ARTIFACT [OPTIONS]" in out
+
+
+def test_model_arguments_take_a_hub_id_as_recipes_do(monkeypatch, stories, tinystories_text):
+    from edgepack import sources
+
+    fetched = []
+    monkeypatch.setattr(sources, "fetch_model", lambda m: fetched.append(m) or stories)
+    r = run("eval", "someorg/stories", "--text", tinystories_text, "--max-tokens", "256", "--json")
+    assert r.exit_code == 0, r.output
+    assert fetched == ["someorg/stories"] and json.loads(r.stdout.splitlines()[-1])["perplexity"] > 1
+    assert run("eval", "./not/here", "--text", tinystories_text).exit_code == 1 and fetched == ["someorg/stories"]

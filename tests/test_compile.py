@@ -49,8 +49,10 @@ def test_gpu_targets_go_to_the_gpu_runtimes_and_onnxruntime_there_needs_its_cuda
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        with pytest.raises(MissingDependency, match="onnxruntime-gpu"):
+        with pytest.raises(MissingDependency, match="onnxruntime-gpu") as exc:
             choose_path(CompileConfig(runtime="onnxruntime"), h100)
+        # the 'onnx' extra is the CPU build: the hint must not send the user there
+        assert "edgepack[onnx]" not in exc.value.hint and "pip install onnxruntime-gpu" in exc.value.hint
 
 
 def test_precision_and_runtime_the_target_lacks_are_refused():

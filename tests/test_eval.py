@@ -80,3 +80,26 @@ def test_sqnr():
     x = np.array([3.0, 4.0])
     assert sqnr_db(x, x) == float("inf")
     assert sqnr_db(x, x + np.array([0.3, 0.4])) == pytest.approx(20.0)  # noise 1/10 of the signal amplitude
+
+
+def test_jsonl_text_is_read_as_records_never_as_raw_json(tiny_model, tmp_path):
+    """`tune prepare` writes test.jsonl: `eval --text test.jsonl` scores its records as the text tune scores
+    (split_text), not the JSON syntax; a line that is not a record is refused with its line number."""
+    from click.testing import CliRunner
+
+    from edgepack.cli import cli
+    from edgepack.tune.data import PrepareConfig, prepare, split_text, write_prepared
+
+    src = tmp_path / "story.txt"
+    src.write_text("\n\n".join(f"Paragraph {i}: the cat sat on mat number {i} and ate {i} fish." for i in range(40)))
+    prep = prepare(src, PrepareConfig())
+    write_prepared(prep, tmp_path / "prep")
+    (tmp_path / "test.txt").write_text(split_text(prep, "test"))
+    art = open_artifact(tiny_model)
+    from_jsonl = evaluate_artifact(art, tmp_path / "prep" / "test.jsonl")
+    from_txt = evaluate_artifact(art, tmp_path / "test.txt")
+    assert from_jsonl.tokens == from_txt.tokens and from_jsonl.perplexity == pytest.approx(from_txt.perplexity, rel=1e-9)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txet": "typo"}\n')
+    res = CliRunner().invoke(cli, ["eval", str(tiny_model), "--text", str(bad)])
+    assert res.exit_code == 1 and "line 2 is not one" in res.output and "Traceback" not in res.output

@@ -177,6 +177,20 @@ def test_per_target_settings_and_skip(tmp_path, tiny_model, tag_registered):
     CALLS.clear()
     again = run_recipe(load_recipe(p))
     assert CALLS == [] and [r.status for r in again] == ["cached"] * 5 + ["skipped", "cached"]
+    # a cached step reports the seconds it took when it ran (its manifest's record), not the 0.0 s of finding it
+    recorded = json.loads((Path(res[0].path) / "edgepack.json").read_text())["history"][-1]["seconds"]
+    assert recorded > 0 and again[0].seconds == pytest.approx(recorded, abs=0.01)
+
+
+def test_dry_run_names_what_a_skipped_stage_passes_on(tmp_path, tiny_model, tag_registered):
+    body = ('[[stages]]\nkind = "convert"\n[[stages]]\nkind = "tag"\nlabel = "a"\n'
+            '[[stages]]\nkind = "tag"\nlabel = "b"\n[stages.per_target.h100-sxm]\nskip = "not here"\n')
+    p = _recipe(tmp_path, tiny_model, body, targets='["cpu-x86-64", "h100-sxm"]')
+    planned = run_recipe(load_recipe(p), dry_run=True)
+    skipped = [r for r in planned if r.status == "skipped"]
+    tag_a = next(r for r in planned if r.kind == "tag" and r.target == "h100-sxm")
+    assert len(skipped) == 1 and skipped[0].path == tag_a.path  # the planned output of the step before, not the input
+    assert str(tmp_path) in skipped[0].path and str(tiny_model) not in skipped[0].path
 
 
 @pytest.mark.parametrize("body,message", [

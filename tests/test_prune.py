@@ -201,3 +201,27 @@ def test_prune_module_is_torch_free():
 def test_semi_structured_kernels_on_cuda():
     r = pa.semi_structured_matmul_speed(tokens=1024)
     assert r["max_abs_diff"] < 0.5 and r["speedup"] > 0
+
+
+def test_width_head_count_transformers_cannot_load_is_refused_before_work(stories, tmp_path, monkeypatch):
+    """The README's `--kv-sparsity 0.25` on stories260K (4 KV groups x 2 heads, hidden 64) would keep 6 heads: one
+    error line naming the fractions that work, before any weights load and with nothing written."""
+    from click.testing import CliRunner
+
+    from edgepack import hf
+    from edgepack.cli import cli
+
+    def no_load(*a, **k):
+        raise AssertionError("weights were loaded before the check")
+
+    monkeypatch.setattr(hf, "load_model", no_load)
+    out = tmp_path / "w"
+    res = CliRunner().invoke(cli, ["prune", str(stories), "--method", "width", "--sparsity", "0.25",
+                                   "--kv-sparsity", "0.25", "-o", str(out)])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    line = res.output.strip()
+    assert line.startswith("error: kv_sparsity 0.25 keeps 3 of 4 KV groups = 6 attention heads") and "\n" not in line
+    assert "use kv_sparsity 0.5 (keeps 2 KV groups, 4 heads) or 0.75 (keeps 1 KV groups, 2 heads)" in line
+    assert not out.exists()
+    assert pa.width_plan({"intermediate_size": 172, "num_key_value_heads": 4, "num_attention_heads": 8,
+                          "hidden_size": 64}, 0.25, 0.5) == (129, 2)

@@ -109,3 +109,24 @@ def test_stories_int4_bar(stories, tinystories_text, tmp_path):
                                                           calib=str(tinystories_text)), None, tmp_path / "kd")
     m = art.history[-1]["metrics"]
     assert m["eval_tokens"] > 20000 and m["ppl_increase_pct"] <= 5.0
+
+
+def test_cli_takes_threads_and_shows_distillation_progress(tiny, tmp_path):
+    """`quantize --threads N` sets torch's threads for the stage (recorded in its config); int4-gptq-kd reports its
+    distillation steps on stderr as they go, and stdout stays one JSON object."""
+    import json
+
+    from click.testing import CliRunner
+
+    from edgepack.cli import cli
+
+    torch.set_num_threads(2)
+    res = CliRunner().invoke(cli, ["quantize", str(tiny.path), "-m", "int4-gptq-kd", "--format", "torch",
+                                   "--threads", "1", "--kd-steps", "4", "--calib-samples", "8",
+                                   "--calib-seq-len", "64", "--eval-max-tokens", "256", "-o", str(tmp_path / "q"),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    assert torch.get_num_threads() == 1
+    assert "int4-gptq-kd: GPTQ, then 4 distillation steps: started" in res.stderr and "4/4" in res.stderr
+    assert json.loads(res.stdout.strip())["metrics"]["kd_best_step"] >= 0
+    assert open_artifact(tmp_path / "q").history[-1]["config"]["threads"] == 1

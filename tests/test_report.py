@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from edgepack.bench.recipe_report import build_report, common_note, summary_rows
 from edgepack.plan import load_recipe, run_recipe
 from edgepack.sources import embedded_path
 
@@ -28,6 +29,8 @@ name = "rep"
 model = "{model}"
 targets = ["cpu-x86-64", "h100-sxm"]
 workdir = "wd"
+eval_text = "embedded:tinystories-sample.txt"
+eval_max_tokens = 512
 
 [[stages]]
 kind = "eval"
@@ -220,3 +223,46 @@ def test_auto_quantize_method_and_hardware_presence_per_target():
             False, "target 'h100-sxm' is a CUDA gpu (sm_90); this machine has no CUDA device")
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     assert hardware_present(load_target("cpu-x86-64"))[0] is x86 and hardware_present(load_target("cpu-arm64"))[0] is not x86
+
+
+def test_common_text_scores_the_input_and_every_stage_on_one_protocol(run_dir):
+    """Every stage's own held-out text differs (so 'ppl before' of one stage is not 'ppl after' of the one before);
+    the recipe's eval_text scores the input and every output alike, the final artifact of every target included."""
+    run = json.loads((run_dir[0] / "run.json").read_text())
+    common = run["common_eval"]
+    assert common["text"] == "tinystories-sample.txt" and common["max_tokens"] == 512
+    steps = [s for s in run["steps"] if s["status"] != "skipped"]
+    assert all("perplexity" in s["common"] for s in steps), [s["common"] for s in steps]
+    first = steps[0]  # the eval stage scored the same text with the same protocol: the same number
+    assert first["kind"] == "eval" and first["common"]["perplexity"] == pytest.approx(_metrics(first["path"])["perplexity"])
+    assert common["input"]["perplexity"] == pytest.approx(first["common"]["perplexity"])
+    prune = next(s for s in steps if s["kind"] == "prune")
+    assert prune["common"]["perplexity"] > first["common"]["perplexity"]  # a removed layer costs on the common text too
+    rep = build_report(run_dir[0])
+    assert all(t["common"] and "perplexity" in t["common"] for t in rep["targets"])  # every target's final artifact
+    cols, rows = summary_rows(rep)
+    assert "final ppl, common text" in cols and all(r[cols.index("final ppl, common text")] != "-" for r in rows)
+    assert common_note(rep).startswith("Common text: the input and every stage's output scored on tinystories-sample")
+    from edgepack.bench.recipe_report import plot_quality
+
+    drawn = plot_quality(rep, run_dir[0] / "q.png")
+    assert all(len(drawn[f"{t['name']} (common text)"]) >= 2 for t in rep["targets"])  # one joined line per target
+    cache = run_dir[0] / "common-eval.json"
+    before = cache.read_text()
+    again = run_recipe(load_recipe(run_dir[1]))
+    assert cache.read_text() == before and all(r.common == s["common"] for r, s in zip(
+        [r for r in again if r.status != "skipped"], steps))
+
+
+def test_roofline_bounds_are_drawn_and_written_as_bounds(run_dir, tmp_path):
+    """A bandwidth bound (stories260K on an H100: millions of tokens/s) is never a bar beside a measured speed."""
+    from edgepack.bench.recipe_report import plot_speed
+
+    rep = build_report(run_dir[0])
+    drawn = plot_speed(rep, tmp_path / "s.png")
+    assert [d for d, k in zip(drawn["speed_drawn_as"], drawn["kinds"]) if k == "measured"] == ["bar"]
+    if not H100_HERE:
+        assert "upper-bound cap" in drawn["speed_drawn_as"]
+        cols, rows = summary_rows(rep)
+        cell = next(r for r in rows if r[0] == "h100-sxm")[cols.index("decode tok/s")]
+        assert cell.startswith("<= ") and "bandwidth bound only" in cell

@@ -360,3 +360,113 @@ def test_clients_that_leave_a_non_streamed_request_stop_its_generation(guarded):
         time.sleep(0.1)
     assert _metric(url, "edgepack_cancelled_total", AUTH) - cancelled >= 4
     assert _metric(url, "edgepack_completion_tokens_total", AUTH) - before <= 2 * 64
+
+
+class _FixedLogits:
+    """A runtime whose logits never change: what the penalties do is then exactly computable."""
+
+    def __init__(self, row):
+        self.row = row
+
+    def reset(self):
+        pass
+
+    def prefill(self, ids):
+        import numpy as np
+
+        return np.array([self.row], dtype=np.float32)
+
+    def decode_step(self, ids):
+        return self.prefill(ids)
+
+
+@pytest.mark.parametrize("kw,expected", [
+    ({}, [0, 0, 0, 0, 0]),
+    ({"frequency_penalty": 1.0}, [0, 1, 0, 1, 0]),  # 3 - 1*c0 vs 2.5 - 1*c1
+    ({"presence_penalty": 1.0}, [0, 1, 0, 0, 0]),  # once both appeared, both lose 1: token 0 leads again
+    ({"logit_bias": ((2, 5.0),)}, [2, 2, 2, 2, 2]),
+    ({"logit_bias": ((0, -100.0),)}, [1, 1, 1, 1, 1]),
+    ({"frequency_penalty": -1.0, "logit_bias": ((1, 1.0),)}, [1, 1, 1, 1, 1]),
+])
+def test_penalties_and_logit_bias_follow_openai_definitions(kw, expected):
+    res = generate(_FixedLogits([3.0, 2.5, 0.0, -1.0]), [[1]], GenerationConfig(max_new_tokens=5, **kw))
+    assert res.tokens[0].tolist() == expected
+
+
+def test_server_applies_penalties_and_logit_bias_and_refuses_tools(server):
+    url, served, expected = server
+    client = _client(url, max_retries=0)
+    prompt = PROMPTS[0]
+    greedy = _greedy(served, prompt)
+    banned = client.completions.create(model=served.model_id, prompt=prompt, max_tokens=6, temperature=0,
+                                       logit_bias={str(greedy[0]): -100})
+    forced = client.completions.create(model=served.model_id, prompt=prompt, max_tokens=4, temperature=0,
+                                       logit_bias={"300": 100})
+    assert served.tokenizer(banned.choices[0].text, add_special_tokens=False)["input_ids"][:1] != greedy[:1]
+    assert served.tokenizer(forced.choices[0].text, add_special_tokens=False)["input_ids"] == [300] * 4
+    # frequency / presence penalties: the server's text is what generate() gives with the same settings
+    rt = served.pool.get()
+    try:
+        ids = generate(rt, served.tokenizer(prompt)["input_ids"],
+                       GenerationConfig(max_new_tokens=64, stop_token_ids=served.eos, frequency_penalty=2.0,
+                                        presence_penalty=1.0)).tokens[0].tolist()
+        plain = generate(rt, served.tokenizer(prompt)["input_ids"],
+                         GenerationConfig(max_new_tokens=64, stop_token_ids=served.eos)).tokens[0].tolist()
+    finally:
+        served.pool.put(rt)
+    assert ids != plain
+    pen = client.completions.create(model=served.model_id, prompt=prompt, max_tokens=64, temperature=0,
+                                    frequency_penalty=2.0, presence_penalty=1.0)
+    assert pen.choices[0].text == served.tokenizer.decode([t for t in ids if t not in served.eos], skip_special_tokens=True)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError, match="tools are not supported"):
+        client.chat.completions.create(model=served.model_id, messages=[{"role": "user", "content": "hi"}],
+                                       tools=[tool])
+    for body, needle in [({"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
+                         ({"prompt": "hi", "logit_bias": {"1": 101}}, "logit_bias"),
+                         ({"prompt": "hi", "presence_penalty": 3}, "presence_penalty")]:
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+class _Slow:
+    """A runtime proxy whose decode steps take 50 ms: a generation that is still running when the server stops."""
+
+    def __init__(self, rt):
+        self.rt = rt
+
+    def __getattr__(self, name):
+        return getattr(self.rt, name)
+
+    def decode_step(self, ids):
+        time.sleep(0.05)
+        return self.rt.decode_step(ids)
+
+
+def test_stopping_the_server_ends_generations_in_flight_at_once(bundle, tmp_path):
+    """Ctrl-C with a request in flight (run_until_signal calls the app's stop_generations first): the generation
+    stops at its next token and its response completes, instead of running to its end while the shutdown waits and
+    then being cancelled mid-response (an ASGI traceback)."""
+    import threading
+
+    cfg = ServeConfig(port=_free_port(), max_concurrency=1, queue=1, threads=1, max_tokens_cap=64)
+    served = load_served(bundle, cfg, tmp_path / "u")
+    served.pool.put(_Slow(served.pool.get()))
+    bg = BackgroundServer(served, cfg)
+    with bg as url:
+        out = {}
+
+        def ask():
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 64, "temperature": 1.0,
+                                                          "seed": 1}, timeout=60)
+            out.update(status=r.status_code, body=r.json(), seconds=time.perf_counter() - t0)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        time.sleep(0.8)  # 64 steps x 50 ms = 3.2 s if nothing stops it
+        t0 = time.perf_counter()
+        bg.server.config.app.stop_generations()
+        t.join(timeout=30)
+        assert out["status"] == 200 and out["body"]["choices"][0]["finish_reason"] == "cancelled", out
+        assert time.perf_counter() - t0 < 1.0 and out["seconds"] < 3.0, out["seconds"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from edgepack.errors import ConfigError, UnsupportedOnTarget
@@ -154,3 +156,51 @@ def test_h200_profile_and_local_detection_choose_it(monkeypatch):
     t = load_target("local")
     assert "profile" not in t.measured and t.sm == 89 and t.bandwidth_bytes_per_s == 20e9
     assert "use a packaged profile" in t.sources["bandwidth"]
+
+
+def test_fit_takes_a_hub_id_and_fetches_only_its_config(monkeypatch, stories):
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from edgepack.cli import cli
+
+    asked = []
+
+    def hf_hub_download(repo_id, filename, **kw):
+        asked.append((repo_id, filename))
+        return str(stories / "config.json")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("fit fetched weights"))
+    res = CliRunner().invoke(cli, ["fit", "someorg/tiny-stories", "--target", "cpu-x86-64", "--json"])
+    assert res.exit_code == 0, res.output
+    assert asked == [("someorg/tiny-stories", "config.json")] and json.loads(res.stdout.splitlines()[-1])["fits"]
+
+    def offline(repo_id, filename, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection --")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    res = CliRunner().invoke(cli, ["fit", "nobody/not-cached-xyz", "--target", "cpu-x86-64"])
+    assert res.exit_code == 1 and res.output.startswith("error: cannot fetch 'nobody/not-cached-xyz'")
+    assert res.output.count("\n") == 1 and "Traceback" not in res.output
+
+
+LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+             "max_position_embeddings": 8192, "tie_word_embeddings": False}
+
+
+def test_fit_that_fails_says_what_would_fit(tmp_path, stories):
+    from click.testing import CliRunner
+
+    from edgepack.cli import cli
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    res = CliRunner().invoke(cli, ["fit", str(tmp_path), "--target", "jetson-orin-nano-8gb", "--precision", "int4",
+                                   "--json"])
+    rep = json.loads(res.stdout.splitlines()[-1])
+    assert not rep["fits"] and rep["would_fit"] == ["target jetson-orin-nx-16gb at int4, context 2048 (usable 13.5 GiB)"]
+    res = CliRunner().invoke(cli, ["fit", str(stories), "--target", "jetson-orin-nano-8gb", "--context", "100000000"])
+    assert "what would fit" in res.stdout and "context 1562500 at fp16 on jetson-orin-nano-8gb" in res.stdout
+    fits = json.loads(CliRunner().invoke(cli, ["fit", str(stories), "--target", "cpu-x86-64", "--json"]).stdout)
+    assert fits["fits"] and "would_fit" not in fits

@@ -698,9 +698,27 @@ def tokenize_sources(prep: Prepared, tokenizer, seq_len: int, splits=("validatio
 def split_text(prep: Prepared, split: str, source: str | None = None) -> str:
     """A split's records as one text (rendered prompts + responses, joined by blank lines), for perplexity; with
     `source`, only that source's records (of a mix)."""
-    recs = prep.splits[split] if source is None else prep.of_source(split, source)
+    return _as_text(prep.splits[split] if source is None else prep.of_source(split, source))
+
+
+def _as_text(recs: list[Record]) -> str:
     return "\n\n".join("".join(s for s, _ in render(r, _NoTemplate())) for r in recs)
 
 
 class _NoTemplate:
     chat_template = None
+
+
+def records_text(path) -> str:
+    """A .jsonl / .json file of records (a `tune prepare` split file included) as the one text perplexity scores: the
+    records rendered as `tune` trains them without a chat template, joined by blank lines (so a .txt's paragraphs
+    read as the stream they came from). A malformed line or a file with no records is refused, never scored raw."""
+    records, malformed, _ = read_records(path)
+    if malformed:
+        m = malformed[0]
+        raise ConfigError(f"'{path}' is read as records (JSONL), and line {m['line']} is not one: {m['reason']}"
+                          + (f" (and {len(malformed) - 1} more)" if len(malformed) > 1 else ""),
+                          "fix the file, or pass plain text as a .txt file")
+    if not records:
+        raise ConfigError(f"'{path}' holds no records", "pass a JSONL file of text / instruction / chat records, or a .txt")
+    return _as_text(records)

@@ -66,11 +66,17 @@ class LazyGroup(click.Group):
             formatter.write_dl([(n, COMMANDS[n][1]) for n in sorted(COMMANDS)])
 
     def invoke(self, ctx):
+        args = [*getattr(ctx, "_protected_args", ()), *ctx.args]
         try:
             return super().invoke(ctx)
         except EdgepackError as exc:
             if os.environ.get("EDGEPACK_DEBUG"):
                 raise
+            if "--json" in args:  # a script asked for JSON: the error is one JSON object too (stdout's last line)
+                from edgepack.output import emit_json
+
+                emit_json({"error": {"type": type(exc).__name__, "problem": " ".join(exc.problem.split()),
+                                     "hint": " ".join(exc.hint.split()), "message": exc.one_line()}})
             raise UserError(exc.one_line()) from None
         except KeyboardInterrupt:
             click.echo("interrupted: nothing half-written was left behind; re-run to resume", err=True)
@@ -85,6 +91,25 @@ def cli():
     Every command that reports something takes --json (one JSON object, last line of stdout).
     Set EDGEPACK_DEBUG=1 to see tracebacks for errors.
     """
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Hide what libraries print on import and use that a user can do nothing about (transformers / torch
+    FutureWarnings and deprecations, torch's _pytree registration warnings, bitsandbytes' and torchao's failed optional
+    kernel loads). EDGEPACK_DEBUG=1 shows all of it; edgepack's own warnings are printed by edgepack, not through
+    the warnings module, so none of them is hidden."""
+    if os.environ.get("EDGEPACK_DEBUG"):
+        return
+    import logging
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", module=r"torch\.utils\._pytree")
+    for name in ("bitsandbytes", "torchao", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main() -> None:

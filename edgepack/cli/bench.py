@@ -27,8 +27,12 @@ class BenchGroup(click.Group):
 
 @click.group(cls=BenchGroup)
 def bench():
-    """Measure tokens/s, latency and memory of an artifact (edgepack bench ARTIFACT), or compare saved results
-    (edgepack bench compare A.json B.json)."""
+    """Measure tokens/s, latency and memory of an artifact, or compare saved results.
+
+    \b
+    edgepack bench ARTIFACT [OPTIONS]      is short for: edgepack bench run ARTIFACT [OPTIONS]
+                                          (its options: edgepack bench run --help)
+    edgepack bench compare A.json B.json  side by side"""
 
 
 @bench.command("run")
@@ -65,7 +69,15 @@ def run_cmd(artifact, target_name, plot_path, save_path, as_json, **settings):
     if target_name == "local":
         click.echo("measuring this machine's memory bandwidth (target 'local')...", err=True)
     target = load_target(target_name)
+    from edgepack.bench.stage import hardware_present
+
+    present, why = hardware_present(target)
+    if not present:
+        click.echo(f"warning: {why}: every figure below is measured on THIS machine; the roofline and bandwidth use "
+                   f"are computed with {target.name}'s bandwidth, so they do not describe either machine -- run bench "
+                   f"on the {target.name} itself (edgepack remote bench), or pass --target local", err=True)
     rec = run_bench(art, cfg, target, progress=lambda m: click.echo(f"  {m}", err=True))
+    rec["target_hardware"] = {"present": present, "reason": why}
     if save_path:
         _write_json(rec, Path(save_path))
     if plot_path:
@@ -90,18 +102,26 @@ def _print_record(rec: dict) -> None:
 
     d = rec["device"]
     cols, rows = point_rows(rec)
-    print_table(f"bench {label(rec)} on {d.get('name')} ({d.get('threads')} threads)", cols, rows,
+    absent = rec.get("target_hardware", {}).get("present") is False
+    print_table(f"bench {label(rec)} on {d.get('name')} ({d.get('threads')} thread{'s' if d.get('threads') != 1 else ''})"
+                + (f" -- NOT {rec['target']['name']} hardware: measured here" if absent else ""), cols, rows,
                 caption=f"medians over {rec['points'][0]['runs']} runs after {rec['settings']['warmup']} warm-up; "
                         f"peak mem = {rec['points'][0].get('peak_memory_kind', '?')}; predicted mem and roofline are "
                         f"predictions (targets.fit), MBU against {rec['target']['name']} "
                         f"({rec['target']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
     if "baseline" in rec:
         rows = [[f"{p['prompt_len']}/{p['gen_len']}/b{p['batch']}", f"{o['decode_tokens_per_s']:.1f}",
+                 f"{o.get('decode_tokens_per_s_paired', o['decode_tokens_per_s']):.1f}",
                  f"{p['decode_tokens_per_s']:.1f}", f"{o['speedup']:.2f}x", f"{p['ttft_ms']:.2f}",
                  "-" if p.get("token_agreement") is None else f"{p['token_agreement']:.0%}"]
                 for o, p in zip(rec["points"], rec["baseline"]["points"])]
         print_table("ours vs plain transformers generate (same process)",
-                    ["point", "ours decode tok/s", "hf generate tok/s", "speedup", "hf TTFT ms", "same tokens"], rows)
+                    ["point", "ours alone tok/s", "ours (b) tok/s", "hf generate (a) tok/s", "speedup b/a",
+                     "hf TTFT ms", "same tokens"], rows,
+                    caption="(a) and (b) were measured run for run in the same seconds; 'ours alone' before the "
+                            "baseline loaded")
+        if rec["baseline"].get("warning"):
+            click.echo("warning: " + rec["baseline"]["warning"], err=True)
 
 
 @bench.command("compare")

@@ -32,6 +32,8 @@ def headline(metrics: dict) -> str:
     for key, label in HEADLINE:
         if pred and key == "decode_tokens_per_s" and pred.get("decode_tokens_per_s_upper_bound"):
             parts.append(f"PREDICTED decode tok/s <= {fmt_num(pred['decode_tokens_per_s_upper_bound'])} (roofline)")
+        elif key == "decode_tokens_per_s" and key in (metrics or {}):
+            parts.append(f"{label} {fmt_num(metrics[key])} ({speed_label(metrics)})")
         elif key in (metrics or {}):
             v = metrics[key]
             parts.append(f"{label} {fmt_bytes(v) if key == 'bytes' else fmt_num(v)}")
@@ -47,6 +49,27 @@ def headline(metrics: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+
+
+def speed_label(metrics: dict) -> str:
+    """What a recorded decode speed timed: bench's protocol (median over warm runs) or a stage's one quick check
+    (compile), with the threads, so two speeds of one bundle are never read as the same measurement."""
+    dev = metrics.get("device") or {}
+    threads = dev.get("threads", metrics.get("threads"))
+    t = f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
+    if metrics.get("protocol") == "edgepack-bench-v1" or "points" in metrics:
+        return f"bench: median of warm runs{t}"
+    n = metrics.get("measured_tokens")
+    return f"quick check: one cold run{f' of {n} tokens' if n else ''}{t}"
+
+
+def open_model(model, trust_pickle: bool = False):
+    """What every model argument takes: an artifact or checkpoint directory, or a Hugging Face hub id ("org/name"),
+    fetched first (safetensors, configs and tokenizer, never pickles) into the hub cache, as a recipe's model is."""
+    from edgepack.artifact import open_artifact
+    from edgepack.sources import fetch_model, is_hub_id_text
+
+    return open_artifact(fetch_model(str(model)) if is_hub_id_text(str(model)) else model, trust_pickle=trust_pickle)
 
 
 def report_artifact(art, as_json: bool) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgepack.cli.common import config_from, config_option, force_opt, json_opt, report_artifact, trust_opt
+from edgepack.cli.common import config_from, config_option, force_opt, json_opt, open_model, report_artifact, trust_opt
 from edgepack.deploy.compile import CompileConfig
 from edgepack.deploy.generation import GenerationConfig
 from edgepack.deploy.onnx_export import ExportConfig
@@ -35,7 +35,7 @@ def export_group():
 @json_opt
 def export_onnx_cmd(model, output, target_name, force, trust_pickle, as_json, **settings):
     """Export MODEL (a Hugging Face checkpoint) as ONNX with KV cache, validated against PyTorch."""
-    from edgepack.artifact import check_output_dir, open_artifact
+    from edgepack.artifact import check_output_dir
     from edgepack.deploy.onnx_export import check_target, export_onnx
     from edgepack.targets import load_target
 
@@ -43,7 +43,7 @@ def export_onnx_cmd(model, output, target_name, force, trust_pickle, as_json, **
     target = load_target(target_name) if target_name else None
     check_target(target)
     check_output_dir(Path(output), force, [model])  # before loading any weights
-    art = export_onnx(open_artifact(model, trust_pickle=trust_pickle), cfg, target, Path(output), force=force)
+    art = export_onnx(open_model(model, trust_pickle), cfg, target, Path(output), force=force)
     report_artifact(art, as_json)
 
 
@@ -60,7 +60,7 @@ def export_onnx_cmd(model, output, target_name, force, trust_pickle, as_json, **
 @config_option(C, "builder", help="edgepack: torch.onnx export (+ quantize stage); genai: onnxruntime-genai model "
                                   "builder; auto: genai for CPU int4 where it can build the model.")
 @config_option(C, "measure_tokens", help="Decode this many tokens to record speed (0 = skip).")
-@config_option(C, "threads", help="onnxruntime intra-op threads [default: physical cores].")
+@config_option(C, "threads", help="onnxruntime intra-op threads [default: the idle physical cores].")
 @config_option(C, "max_context", help="GPU runtimes: static KV cache / TensorRT profile length in tokens (0 = the "
                                       "model's, <= 4096).")
 @config_option(C, "max_batch", help="GPU runtimes: largest batch.")
@@ -71,13 +71,13 @@ def export_onnx_cmd(model, output, target_name, force, trust_pickle, as_json, **
 @json_opt
 def compile_cmd(model, target_name, output, force, trust_pickle, as_json, **settings):
     """Compile MODEL into a runnable artifact for a target (CPU: onnxruntime, int4 MatMulNBits by default)."""
-    from edgepack.artifact import check_output_dir, open_artifact
+    from edgepack.artifact import check_output_dir
     from edgepack.deploy.compile import choose_path, compile_stage
     from edgepack.targets import load_target
 
     cfg = config_from(CompileConfig, settings, "compile")
     target = load_target(target_name)
-    src = open_artifact(model, trust_pickle=trust_pickle)
+    src = open_model(model, trust_pickle)
     choose_path(cfg, target, src.extra.get("precision", "fp32") if src.format == "onnx" else None)  # fail fast
     check_output_dir(Path(output), force, [model])
     art = compile_stage(src, cfg, target, Path(output), force=force)
@@ -115,18 +115,28 @@ def compile_cmd(model, target_name, output, force, trust_pickle, as_json, **sett
 @trust_opt
 @json_opt
 def generate_cmd(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, as_json, **settings):
-    """Print a continuation of PROMPT from any runnable artifact, with its speed."""
-    from edgepack.artifact import open_artifact
+    """Print a continuation of PROMPT from any runnable artifact or bundle (directory or .tar, as serve takes),
+    with its speed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-generate-") as tmp:
+        run_generate(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, as_json, settings, tmp)
+
+
+def run_generate(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, as_json, settings, workdir,
+              show_speed: bool = True) -> str:
+    """Stream the continuation to stdout (or one JSON object); returns the generated text."""
+    from edgepack.deploy.bundle import open_runnable
     from edgepack.deploy.generation import generate
     from edgepack.deploy.runtime import open_runtime
     from edgepack.facts import check_fits_context
     from edgepack.hf import load_tokenizer
 
-    art = open_artifact(artifact, trust_pickle=trust_pickle)
-    tok = load_tokenizer(art.path)
+    art, tok_dir, manifest, _ = open_runnable(artifact, workdir, trust_pickle=trust_pickle)
+    tok = load_tokenizer(tok_dir)
     stop = () if ignore_eos or tok.eos_token_id is None else (int(tok.eos_token_id),)
     gcfg = config_from(GenerationConfig, settings, "generate", stop_token_ids=stop)
-    rt = open_runtime(art, runtime or art.extra.get("runtime"), threads=threads)
+    rt = open_runtime(art, runtime or (manifest or {}).get("runtime") or art.extra.get("runtime"), threads=threads)
     ids = tok(prompt)["input_ids"]
     check_fits_context(art, len(ids) + gcfg.max_new_tokens, f"the prompt ({len(ids)} tokens) + --max-new-tokens")
     new: list[int] = []
@@ -147,10 +157,19 @@ def generate_cmd(artifact, prompt, runtime, threads, ignore_eos, trust_pickle, a
     stats = {"prompt_tokens": res.prompt_tokens, "new_tokens": len(new), "ttft_s": round(res.ttft_s, 5),
              "decode_tokens_per_s": round(res.decode_tokens_per_s, 2) if len(new) > 1 else None, "stopped": res.stopped,
              **rt.describe()}
+    if not stats.get("precision"):
+        from edgepack.facts import artifact_precision
+
+        stats["precision"] = artifact_precision(art) or "fp32"
     if as_json:
         emit_json({"prompt": prompt, "text": text, "tokens": new, **stats})
-        return
+        return text
     click.echo("")
+    if not show_speed:
+        return text
     tps = f"{stats['decode_tokens_per_s']:.1f} tokens/s" if stats["decode_tokens_per_s"] else "-"
-    click.echo(f"[{stats['runtime']} {stats.get('precision', '')}: {len(new)} tokens, first after "
-               f"{res.ttft_s * 1000:.1f} ms, decode {tps}, stopped by {res.stopped}]".replace("  ", " "), err=True)
+    threads = (f", {stats['threads']} thread{'s' if stats['threads'] != 1 else ''} ({stats['threads_why']})"
+               if stats.get("threads_why") else "")
+    click.echo(f"[{stats['runtime']} {stats['precision']}: {len(new)} tokens, first after {res.ttft_s * 1000:.1f} ms "
+               f"(cold: the first call), decode {tps} over this one run{threads}, stopped by {res.stopped}]", err=True)
+    return text

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from edgepack.cli.common import config_from, config_option, force_opt, headline, json_opt, report_artifact, trust_opt
+from edgepack.cli.common import (
+    config_from,
+    config_option,
+    force_opt,
+    headline,
+    json_opt,
+    open_model,
+    report_artifact,
+    trust_opt,
+)
 from edgepack.compress.eval_stage import EvalConfig
 from edgepack.convert import ConvertConfig
 from edgepack.output import emit_json, fmt_bytes, print_table
@@ -43,7 +52,11 @@ def eval_cmd(model, baseline, save_outputs, trust_pickle, as_json, **settings):
     cfg = config_from(EvalConfig, settings, "eval", text=str(settings["text"] or ""), task=str(settings["task"] or ""))
     if baseline and not cfg.task:
         raise ConfigError("--baseline compares task metrics", "pass --task FILE too")
-    art = open_artifact(model, trust_pickle=trust_pickle)
+    art = open_model(model, trust_pickle)
+    if cfg.text:  # a missing or malformed text is one error line before any progress line
+        from edgepack.quality import read_text
+
+        read_text(cfg.text)
     base_summary = None
     if baseline:
         from edgepack.tasks import evaluate_task
@@ -135,12 +148,12 @@ def _print_eval(model, metrics: dict, baseline) -> None:
 @json_opt
 def convert_cmd(model, output, force, trust_pickle, as_json, **settings):
     """Import MODEL (a Hugging Face checkpoint directory) as an edgepack artifact."""
-    from edgepack.artifact import check_output_dir, open_artifact
+    from edgepack.artifact import check_output_dir
     from edgepack.convert import convert
 
     cfg = config_from(ConvertConfig, settings, "convert")
     check_output_dir(Path(output), force, [model])  # before loading any weights
-    art = convert(open_artifact(model, trust_pickle=trust_pickle), cfg, None, Path(output), force=force)
+    art = convert(open_model(model, trust_pickle), cfg, None, Path(output), force=force)
     report_artifact(art, as_json)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgepack.cli.common import config_from, config_option, force_opt, json_opt, trust_opt
+from edgepack.cli.common import config_from, config_option, force_opt, json_opt, open_model, trust_opt
 from edgepack.compress.distill import DistillConfig
 from edgepack.compress.prune import PruneConfig
 from edgepack.output import emit_json, fmt_bytes, fmt_num, print_table
@@ -59,7 +59,7 @@ def _set_threads(threads: int | None) -> None:
 @json_opt
 def prune_cmd(model, output, target_name, threads, force, trust_pickle, as_json, **settings):
     """Prune MODEL: unstructured (magnitude, wanda, sparsegpt), 2:4, or structured depth / width (smaller model)."""
-    from edgepack.artifact import check_output_dir, open_artifact
+    from edgepack.artifact import check_output_dir
     from edgepack.compress.prune import prune
     from edgepack.targets import load_target
 
@@ -67,7 +67,7 @@ def prune_cmd(model, output, target_name, threads, force, trust_pickle, as_json,
     check_output_dir(Path(output), force, [model])
     target = load_target(target_name) if target_name else None
     _set_threads(threads)
-    art = prune(open_artifact(model, trust_pickle=trust_pickle), cfg, target, Path(output), force=force)
+    art = prune(open_model(model, trust_pickle), cfg, target, Path(output), force=force)
     _report(art, as_json)
 
 
@@ -128,7 +128,7 @@ def distill_cmd(teacher, student, from_prune, output, force, as_json, **settings
     out = Path(output)
     check_output_dir(out, force, [teacher, student])
     cfg = config_from(DistillConfig, settings, "distill", data=str(settings["data"]), teacher=str(teacher))
-    teacher_art = open_artifact(teacher)
+    teacher_art = open_model(teacher)
     _set_threads(cfg.threads)  # the pruning below runs before the distill stage sets its threads
     if from_prune:
         pcfg = build_config(PruneConfig, {**_parse_from_prune(from_prune), "calib": cfg.data, "holdout": cfg.holdout},

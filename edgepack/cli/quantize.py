@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgepack.cli.common import config_from, config_option, force_opt, json_opt, report_artifact, trust_opt
+from edgepack.cli.common import config_from, config_option, force_opt, json_opt, open_model, report_artifact, trust_opt
 from edgepack.compress.quantize import QuantizeConfig
 
 Q = QuantizeConfig
@@ -36,6 +36,7 @@ Q = QuantizeConfig
 @config_option(Q, "max_ppl_increase", help="Fail (write nothing) when perplexity rises more than this (%).")
 @config_option(Q, "kd_steps", help="int4-gptq-kd: distillation steps after GPTQ.")
 @config_option(Q, "seed", help="int4-gptq-kd: seed of the distillation batch order.")
+@config_option(Q, "threads", help="torch CPU threads (1 avoids oversubscription on a busy CPU) [default: torch's].")
 @config_option(Q, "task", type=click.Path(), help="Task file (held-out instruction / choice items): task metrics before/after.")
 @config_option(Q, "task_samples", help="Task items scored.")
 @config_option(Q, "max_task_drop", help="Fail (write nothing) when the task metric falls more than this (points).")
@@ -44,7 +45,7 @@ Q = QuantizeConfig
 @json_opt
 def quantize_cmd(model, output, target_name, force, trust_pickle, as_json, **settings):
     """Quantize MODEL's weights and prove the quality: perplexity before/after and logits SQNR in the manifest."""
-    from edgepack.artifact import check_output_dir, open_artifact
+    from edgepack.artifact import check_output_dir
     from edgepack.compress.quantize import check_legal, quantize
     from edgepack.targets import load_target
 
@@ -52,5 +53,5 @@ def quantize_cmd(model, output, target_name, force, trust_pickle, as_json, **set
     target = load_target(target_name) if target_name else None
     check_legal(cfg, target)  # before any weight loads
     check_output_dir(Path(output), force, [model])
-    art = quantize(open_artifact(model, trust_pickle=trust_pickle), cfg, target, Path(output), force=force)
+    art = quantize(open_model(model, trust_pickle), cfg, target, Path(output), force=force)
     report_artifact(art, as_json)

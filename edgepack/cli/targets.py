@@ -62,12 +62,16 @@ FIT_PRECISIONS = tuple(p for p in PRECISIONS if p != "nf4")  # the --target all 
 
 
 def _model_config(model: str) -> dict:
-    """fit reads only the model's config: a model directory, its config.json, or any JSON file holding one."""
+    """fit reads only the model's config: a model directory, its config.json, any JSON file holding one, or a hub
+    id ("meta-llama/Llama-3.1-8B": only its config.json is fetched)."""
     from edgepack.errors import ArtifactError
     from edgepack.facts import read_model_config
+    from edgepack.sources import fetch_config, is_hub_id_text
 
+    if is_hub_id_text(model):
+        return read_model_config(fetch_config(model))
     if not Path(model).exists():
-        raise ArtifactError(f"'{model}' does not exist", "pass a model directory or its config.json")
+        raise ArtifactError(f"'{model}' does not exist", "pass a model directory, its config.json or a hub id (org/name)")
     return read_model_config(model)
 
 
@@ -85,7 +89,7 @@ def _model_config(model: str) -> dict:
 def fit_cmd(model, target_name, precision, context, batch, group_size, runtime, as_json):
     """Does MODEL fit a target? Reads only config.json (works for a 70B config on a laptop)."""
     from edgepack.targets import list_targets, load_target
-    from edgepack.targets.fit import model_shape
+    from edgepack.targets.fit import model_shape, what_would_fit
 
     cfg = _model_config(model)
     shape = model_shape(cfg)
@@ -115,8 +119,9 @@ def fit_cmd(model, target_name, precision, context, batch, group_size, runtime, 
     t = load_target(target_name)
     prec = precision or ("fp16" if t.supports(precision="fp16") else "fp32")
     r = fit(cfg, t, prec, context, batch, group_size, runtime=runtime)
+    would = [] if r.fits else what_would_fit(cfg, t, prec, context, batch, group_size, runtime=runtime)
     if as_json:
-        emit_json(r.to_dict())
+        emit_json(r.to_dict() | ({"would_fit": would} if would else {}))
         return
     rows = [["parameters", f"{r.params:,}"], ["weights", fmt_bytes(r.weights_bytes)],
             ["KV cache", fmt_bytes(r.kv_cache_bytes)], ["workspace + runtime", fmt_bytes(r.workspace_bytes)],
@@ -124,6 +129,7 @@ def fit_cmd(model, target_name, precision, context, batch, group_size, runtime, 
             ["verdict", ("FITS, headroom " if r.fits else "DOES NOT FIT, short by ") + fmt_bytes(abs(r.headroom_bytes))],
             ["bytes read per token", fmt_bytes(r.bytes_per_token)],
             ["decode limit (roofline)", f"{r.decode_tokens_per_s_limit:,.1f} tokens/s at {r.bandwidth_bytes_per_s / 1e9:g} GB/s"]]
+    rows += [["what would fit" if i == 0 else "", w] for i, w in enumerate(would)]
     print_table(f"fit: {model} on {t.name} at {prec}, context {context}, batch {batch}", ["", ""], rows, caption=r.note)
 
 

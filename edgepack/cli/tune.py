@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgepack.cli.common import config_from, config_option, force_opt, headline, json_opt, trust_opt
+from edgepack.cli.common import config_from, config_option, force_opt, headline, json_opt, open_model, trust_opt
 from edgepack.output import emit_json, fmt_bytes, print_table
 from edgepack.tune.data import PrepareConfig
 from edgepack.tune.qlora import TuneConfig
@@ -152,7 +152,7 @@ def prepare_cmd(data, mix, output, split, near_dup_threshold, strict, model, seq
 def qlora_cmd(model, mix, output, resume, force, trust_pickle, as_json, **settings):
     """Fine-tune MODEL on DATA (or a --mix) with QLoRA (or --method lora / full); writes a merged full-precision
     artifact + adapter."""
-    from edgepack.artifact import check_output_dir, open_artifact
+    from edgepack.artifact import check_output_dir
     from edgepack.errors import ConfigError
     from edgepack.progress import progress
     from edgepack.tune.qlora import tune
@@ -166,7 +166,7 @@ def qlora_cmd(model, mix, output, resume, force, trust_pickle, as_json, **settin
     cfg = config_from(TuneConfig, settings, "tune qlora options", data=tuple(mix) if mix else str(settings["data"]),
                       target_modules=modules, freeze_layers=frozen)
     method, steps, rank = cfg.method, cfg.steps, cfg.rank
-    src = open_artifact(model, trust_pickle=trust_pickle)
+    src = open_model(model, trust_pickle)
     with progress(f"tune ({method})", total=steps, enabled=not as_json) as update:
         art = tune(src, cfg, None, Path(output), force=force, resume=bool(resume),
                    on_step=lambda step, total, info: update(step, total))
