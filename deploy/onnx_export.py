@@ -87,7 +87,10 @@ def decoder_wrapper(model):
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=self.model.config)
+            # Full layers even where the config slides a window (Mistral v0.1, Gemma 2 / 3): a sliding layer would
+            # trim the cache it returns to the window, so the graph's present tensors would stop growing past it
+            # (a runtime that allocates past + seq then fails); the window itself is applied by the attention mask
+            cache = DynamicCache()
             for i in range(n_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
