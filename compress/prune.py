@@ -161,6 +161,10 @@ def prune(src: Artifact, cfg: PruneConfig, target, out: Path, *, force: bool = F
     from edgepack.hf import load_model, load_tokenizer, save_model
 
     target_info = _check_target(cfg, target)  # before any weights load
+    from edgepack.archs import check_arch
+    from edgepack.facts import read_model_config
+
+    check_arch("prune", read_model_config(src.path, missing_ok=True), method=cfg.method)
     t0 = time.perf_counter()
     calib_path = text_path(cfg.calib)
     tok = load_tokenizer(src.path)

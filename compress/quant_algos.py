@@ -195,11 +195,21 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int 
 
 
 # ------------------------------------------------------------------------------------------------ model level
+# MoE routers (Linear hidden -> experts; Qwen2-MoE's shared-expert gate): tiny, and a flipped top-k choice sends a
+# token to another expert, so they stay at full precision
+ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate"})
+
+
+def is_router(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ROUTER_NAMES
+
+
 def quantizable_linears(model) -> dict[str, torch.nn.Linear]:
     """The decoder's nn.Linear layers by qualified name. lm_head is left out on purpose: it is tied to the input
-    embedding in many small models and is the most quantization-sensitive matrix (see quantize.py's record)."""
+    embedding in many small models and is the most quantization-sensitive matrix (see quantize.py's record); MoE
+    routers too (ROUTER_NAMES)."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+            if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head") and not is_router(name)}
 
 
 def decoder_layers(model):
@@ -253,7 +263,7 @@ def gptq_model_(model, calib_ids: torch.Tensor, bits: int = 4, group_size: int =
         fp_states = states
         for li, layer in enumerate(decoder_layers(model)):
             fp_layer = copy.deepcopy(layer) if correct_inputs else None
-            linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and not is_router(n)}
             for stage in _sequential_stages(list(linears)):
                 hess, cross = _collect_stats(layer, stage, states, fp_layer, fp_states)
                 for name in stage:

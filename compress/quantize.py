@@ -31,6 +31,25 @@ FORMATS = ("onnx", "torch")
 # Which artifact path serves each runtime a target may prefer (TensorRT consumes ONNX).
 RUNTIME_FORMAT = {"onnxruntime": "onnx", "tensorrt": "onnx", "torch-cuda": "torch", "torch-cpu": "torch"}
 KEPT_FP32 = ("embed_tokens", "lm_head")
+
+
+def unquantized_params(model) -> dict[str, int]:
+    """Parameters the quantizers leave in floating point, by kind (the record says what was not quantized, and the
+    sizes it reports count them): the embedding and lm_head (kept on purpose), MoE routers (kept on purpose),
+    routed experts stored as 3-D tensors (transformers 5; the linear walkers do not reach them), and norms / biases."""
+    from edgepack.compress.quant_algos import is_router, quantizable_linears
+
+    quantized = {f"{name}.weight" for name in quantizable_linears(model)}
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if name in quantized:
+            continue
+        module = name.rsplit(".", 1)[0]
+        kind = ("embeddings / lm_head" if any(k in name for k in (*KEPT_FP32, "wte", "wpe")) else
+                "routed experts" if ".experts." in name or p.dim() == 3 else "routers" if is_router(module) else
+                "norms / biases" if p.dim() == 1 else "other")
+        out[kind] = out.get(kind, 0) + p.numel()
+    return out
 AUTO = "auto"
 # method = "auto", fastest decode first: 8-bit float where the GPU has fp8 tensor cores (weights prepared here in
 # torch; no CUDA needed to write them), else calibrated int4 (GPTQ), else int8. One recipe can so serve every target.
@@ -201,6 +220,10 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
     if src.format != "hf":
         raise ArtifactError(f"quantize reads Hugging Face checkpoints; '{src.path}' is a '{src.format}' artifact",
                             "quantize the model before export (the onnx format exports it for you)")
+    from edgepack.archs import check_arch
+    from edgepack.facts import read_model_config
+
+    check_arch("quantize", read_model_config(src.path, missing_ok=True), method=cfg.method, fmt=fmt)
     import numpy as np
 
     from edgepack.hf import load_model, load_tokenizer
@@ -215,6 +238,8 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
     before = perplexity(hf_logits_fn(model), eval_ids, proto)
     ref_logits = hf_logits_fn(model)(probe_ids(model.config.vocab_size))
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    left_fp = unquantized_params(model)
+    total_params = sum(p.numel() for p in model.parameters())
     n_calib = 0
     with ArtifactWriter(out, force=force) as w:
         if fmt == "onnx":
@@ -240,7 +265,12 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
                    "ppl_increase_pct": round(increase, 3), **parity, "bytes": weight_bytes,
                    "size_ratio_vs_fp32": round(weight_bytes / fp32_bytes, 4), "eval_tokens": after.tokens,
                    "calib_tokens": n_calib, "protocol": {**before.protocol, **texts},
-                   "method": cfg.method, "format": out_format, "kept_fp32": list(KEPT_FP32), **details}
+                   "method": cfg.method, "format": out_format, "kept_fp32": list(KEPT_FP32), **details,
+                   "unquantized_params": left_fp,
+                   "unquantized_share": round(sum(left_fp.values()) / total_params, 4)}
+        if left_fp.get("routed experts"):
+            metrics["note"] = (f"{left_fp['routed experts']:,} routed-expert parameters (3-D tensors) left in floating "
+                               f"point: {metrics['unquantized_share']:.0%} of the model is not quantized")
         if choice:
             metrics["method_choice"] = choice
         if not np.isfinite(after.perplexity):

@@ -32,10 +32,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgepack.archs import CONV1D, arch, check_arch
 from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, link_files, stage_record
 from edgepack.compress.quant_methods import METHODS
 from edgepack.deploy.onnx_export import EXPORTERS
 from edgepack.errors import ConfigError, EdgepackError, MissingDependency, UnsupportedOnTarget, ValidationFailed
+from edgepack.facts import read_model_config
 
 COMPILE_RUNTIMES = ("onnxruntime",)  # runtimes this stage can build for
 QUANT_METHOD = {"int8": "int8"}  # precision -> quantize method; int4 uses cfg.int4_method
@@ -172,7 +174,6 @@ def resolve_builder(cfg: CompileConfig, src: Artifact, path: dict) -> tuple[str,
     if importlib.util.find_spec("onnxruntime_genai") is None:
         return "edgepack", "onnxruntime-genai is not installed (pip install 'edgepack[genai]' for the faster int4 path)"
     from edgepack.deploy.genai_builder import GQA_HEAD_MULTIPLE, vocab_width_clash
-    from edgepack.facts import read_model_config
     from edgepack.targets.fit import model_shape
 
     mc = read_model_config(src.path)
@@ -210,7 +211,12 @@ def compile_stage(src: Artifact, cfg: CompileConfig, target, out: Path, *, force
         from edgepack.deploy.gpu_compile import torch_quant_precision
 
         cfg = dataclasses.replace(cfg, precision=torch_quant_precision(src, cfg.precision, target))
+    mc = read_model_config(src.path, missing_ok=True) if src.format == "hf" else None
+    cfg, arch_note = _arch_precision(mc, cfg, target)
     path = choose_path(cfg, target, src_precision)
+    path["note"] = "; ".join(n for n in (path["note"], arch_note) if n)
+    if path["runtime"] != "torch-cuda":  # the ONNX paths (CPU, Jetson, TensorRT)
+        check_arch("compile", mc)
     if path["runtime"] in ("torch-cuda", "tensorrt"):
         from edgepack.deploy.gpu_compile import compile_gpu
 
@@ -219,7 +225,6 @@ def compile_stage(src: Artifact, cfg: CompileConfig, target, out: Path, *, force
     genai = builder == "genai"
     if genai:
         from edgepack.deploy.genai_builder import check_genai
-        from edgepack.facts import read_model_config
 
         if src.format != "hf":
             raise ConfigError("the onnxruntime-genai builder reads Hugging Face checkpoints",
@@ -269,16 +274,27 @@ def compile_stage(src: Artifact, cfg: CompileConfig, target, out: Path, *, force
             return w.commit(format="onnx", record=rec, parent=base or src, base_model=src.base_model, extra=extra)
 
 
-def _arch(src: Artifact) -> str:
-    from edgepack.facts import read_model_config
+def _arch_precision(mc: dict | None, cfg: CompileConfig, target) -> tuple[CompileConfig, str]:
+    """(cfg, note): on a CPU, the default precision for a checkpoint the quantizers cannot treat (GPT-2's Conv1D
+    projections) is fp32, said so; asking for int8 / int4 there is refused up front."""
+    if mc is None or target is None or target.has_cuda or arch(mc) not in CONV1D:
+        return cfg, ""
+    if cfg.precision is None and target.supports(precision="fp32"):
+        return dataclasses.replace(cfg, precision="fp32"), (f"int4 not applied: the quantizers do not walk "
+                                                             f"{arch(mc)}'s Conv1D projections; wrote fp32")
+    if cfg.precision in ("int8", "int4"):
+        check_arch("quantize", mc)
+    return cfg, ""
 
-    return str((read_model_config(src.path, missing_ok=True) or {}).get("model_type", "unknown"))
+
+def _arch(src: Artifact) -> str:
+
+    return arch(read_model_config(src.path, missing_ok=True) or {})
 
 
 def _build_genai_checked(src: Artifact, cfg: CompileConfig, path: dict, dst: Path, metrics: dict) -> dict:
     """The genai builder's graph in dst, its logits held to the PyTorch source (check_parity); returns `extra`."""
     from edgepack.deploy.genai_builder import build_genai, check_genai
-    from edgepack.facts import read_model_config
 
     check_genai(read_model_config(src.path), path["precision"])
     made = build_genai(src.path, dst, path["precision"], accuracy_level=cfg.accuracy_level, block_size=cfg.group_size,

@@ -65,3 +65,57 @@ def test_compile_auto_falls_back_to_our_export_when_the_genai_builder_fails(arch
     with pytest.raises(ValidationFailed, match="onnxruntime-genai builder failed"):
         compile_stage(src, CompileConfig(builder="genai", measure_tokens=0), cpu, tmp_path / "genai")
     assert not (tmp_path / "genai").exists()
+
+
+REFUSED = [  # (architecture, command line after the model path, what the one line must name)
+    ("gpt2", ["quantize", "--method", "int4-rtn", "--format", "torch"], "quantize: the 'gpt2' architecture"),
+    ("gpt2", ["prune", "--method", "wanda"], "prune: the 'gpt2' architecture"),
+    ("phi3", ["prune", "--method", "width"], "prune: the 'phi3' architecture"),
+    ("qwen2_moe", ["prune", "--method", "width"], "prune: the 'qwen2_moe' architecture"),
+    ("mixtral", ["prune", "--method", "width"], "prune: the 'mixtral' architecture"),
+    ("deepseek_v2", ["export", "onnx"], "export: the 'deepseek_v2' architecture"),
+    ("deepseek_v2", ["quantize", "--method", "int4-rtn", "--format", "onnx"], "quantize: the 'deepseek_v2'"),
+    ("deepseek_v2", ["compile", "--target", "cpu-x86-64"], "compile: the 'deepseek_v2' architecture"),
+    ("deepseek_v2", ["compile", "--target", "jetson-orin-nano-8gb"], "compile: the 'deepseek_v2' architecture"),
+]
+
+
+@pytest.mark.parametrize("arch,args,says", REFUSED, ids=[f"{a}-{' '.join(c[:3])}" for a, c, _ in REFUSED])
+def test_cells_that_cannot_work_refuse_up_front_in_one_line(arch, args, says, arch_dir, tmp_path):
+    """Before: tracebacks (GPT-2 width, Phi-3 width, MoE width, MLA export), or a reported success that changed
+    nothing (GPT-2 quantize: 0 layers quantized). Now one line naming the stage and the architecture, no output."""
+    from click.testing import CliRunner
+
+    from edgepack.cli import cli
+
+    cmd = [*args[:2], str(arch_dir(arch)), *args[2:]] if args[0] == "export" else [args[0], str(arch_dir(arch)), *args[1:]]
+    r = CliRunner().invoke(cli, [*cmd, "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and r.output.startswith(f"error: {says}"), r.output
+    assert r.output.count("\n") == 1 and " -- " in r.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_moe_decoders_export_to_onnx_with_the_kv_cache(arch, arch_dir, tmp_path):
+    """Routed experts through transformers' batched_mm (Gather + MatMul): the export validates against PyTorch on
+    the probe and 16 greedy tokens through the cache (before: torch.onnx failed on `histc` / grouped_mm)."""
+    from edgepack.deploy.onnx_export import ExportConfig, export_onnx
+
+    art = export_onnx(open_artifact(arch_dir(arch)), ExportConfig(exporter="torchscript", greedy_tokens=16), None,
+                      tmp_path / "onnx")
+    m = art.history[-1]["metrics"]
+    assert m["sqnr_db"] > 100 and m["greedy_agreement"] == 1.0
+
+
+def test_moe_quantize_keeps_routers_and_says_what_it_left_unquantized(arch_dir, tmp_path):
+    """Qwen2-MoE int4: attention and shared-expert linears quantized, the routers kept (not in layers_quantized), and
+    the 3-D routed experts left in floating point are counted in the record and named in its note."""
+    from edgepack.compress.quantize import QuantizeConfig, quantize
+
+    art = quantize(open_artifact(arch_dir("qwen2_moe")), QuantizeConfig(method="int4-rtn", format="torch",
+                                                                         eval_max_tokens=256), None, tmp_path / "q")
+    m = art.history[-1]["metrics"]
+    assert m["layers_quantized"] == 2 * (4 + 3)  # q k v o + the shared expert's gate / up / down, per layer
+    left = m["unquantized_params"]
+    assert left["routed experts"] == 2 * 4 * 3 * 64 * 64 and left["routers"] == 2 * (64 * 4 + 64)
+    assert left["embeddings / lm_head"] == 2 * 512 * 64
+    assert "routed-expert parameters" in m["note"] and 0.5 < m["unquantized_share"] < 1
