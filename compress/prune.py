@@ -199,6 +199,12 @@ def prune(src: Artifact, cfg: PruneConfig, target, out: Path, *, force: bool = F
                          "split": f"last {cfg.holdout:.0%} of the token stream"},
         "calib_sequences": int(calib.shape[0]), "calib_seq_len": cfg.seq_len,
     }
+    if cfg.method in ("magnitude", "wanda", "sparsegpt", "2:4"):
+        left = pa.unpruned_weights(model)
+        if left:
+            metrics["unpruned_params"] = left
+            metrics["note"] = (f"sparsity counts the walked linears only: {', '.join(f'{v:,} {k}' for k, v in left.items())} "
+                               "parameters stayed dense")
     with ArtifactWriter(out, force=force) as w:
         save_model(model, w.path, tokenizer_from=src.path)
         metrics["bytes"] = weight_bytes(w.path)

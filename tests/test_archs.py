@@ -119,3 +119,22 @@ def test_moe_quantize_keeps_routers_and_says_what_it_left_unquantized(arch_dir, 
     assert left["routed experts"] == 2 * 4 * 3 * 64 * 64 and left["routers"] == 2 * (64 * 4 + 64)
     assert left["embeddings / lm_head"] == 2 * 512 * 64
     assert "routed-expert parameters" in m["note"] and 0.5 < m["unquantized_share"] < 1
+
+
+def test_wanda_walks_fused_projections_and_says_which_weights_stayed_dense(arch_dir, tmp_path):
+    """Phi-3: the fused qkv_proj and gate_up_proj are pruned like any linear (before: only o_proj / down_proj, while
+    the record said 0.5). Qwen2-MoE: the routed experts (3-D) stay dense, and the record counts them."""
+    from safetensors.torch import load_file
+
+    from edgepack.compress.prune import PruneConfig, prune
+
+    cfg = PruneConfig(method="wanda", sparsity=0.5, calib_tokens=512, eval_max_tokens=256)
+    phi = prune(open_artifact(arch_dir("phi3")), cfg, None, tmp_path / "phi3")
+    w = load_file(str(phi.path / "model.safetensors"))
+    for name in ("model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"):
+        assert float((w[name] == 0).float().mean()) == pytest.approx(0.5, abs=0.01), name
+    assert "unpruned_params" not in phi.history[-1]["metrics"]
+    moe = prune(open_artifact(arch_dir("qwen2_moe")), cfg, None, tmp_path / "moe")
+    m = moe.history[-1]["metrics"]
+    assert m["unpruned_params"] == {"routed experts": 2 * 4 * 3 * 64 * 64, "routers": 2 * (64 * 4 + 64)}
+    assert "stayed dense" in m["note"] and m["sparsity"] == pytest.approx(0.5, abs=0.01)
