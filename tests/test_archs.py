@@ -138,3 +138,15 @@ def test_wanda_walks_fused_projections_and_says_which_weights_stayed_dense(arch_
     m = moe.history[-1]["metrics"]
     assert m["unpruned_params"] == {"routed experts": 2 * 4 * 3 * 64 * 64, "routers": 2 * (64 * 4 + 64)}
     assert "stayed dense" in m["note"] and m["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_lora_on_an_moe_wraps_experts_not_routers(arch_dir):
+    """DeepSeek-V2: peft maps gate/up/down onto the 3-D routed experts, whose wrapper takes no dropout (before: a
+    ValueError traceback from `tune qlora`); the routers get no adapter."""
+    from edgepack.hf import load_model
+    from edgepack.tune.qlora import TuneConfig, add_lora
+
+    model = add_lora(load_model(open_artifact(arch_dir("deepseek_v2")), device="cpu"), TuneConfig(method="lora"))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".experts." in n for n in names) and any("self_attn" in n for n in names)
+    assert not any(".mlp.gate." in n for n in names) and all("lora_" in n for n in names)
