@@ -212,6 +212,30 @@ def quantizable_linears(model) -> dict[str, torch.nn.Linear]:
             if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head") and not is_router(name)}
 
 
+def expert_weights(model) -> dict[str, torch.nn.Parameter]:
+    """An MoE's routed experts stored as 3-D [experts, out, in] parameters (transformers 5's fused experts), by
+    qualified name; transposed layouts ([experts, in, out]) are left out (and stay floating point)."""
+    return {f"{mname}.{pname}": p for mname, m in model.named_modules()
+            if type(m).__name__.endswith("Experts") and not getattr(m, "is_transposed", False)
+            for pname, p in m.named_parameters(recurse=False) if p.dim() == 3}
+
+
+def experts_weight_only_(model, method: str, bits: int = 4, group_size: int = 32,
+                         symmetric: bool = False) -> dict[str, QuantizedWeight]:
+    """Each routed expert's matrix quantized on its own, data-free ('rtn' or 'hqq'), dequantized weights written
+    back; codes keyed NAME.E (expert E of the 3-D parameter NAME). group_size 0 = per output row."""
+    out = {}
+    with torch.no_grad():
+        for name, p in expert_weights(model).items():
+            for e in range(p.shape[0]):
+                w = p[e]
+                gs = group_size or w.shape[1]
+                qw = rtn(w, bits, gs, symmetric) if method == "rtn" else hqq(w, bits, gs)
+                w.copy_(qw.dequantize().to(p.dtype))
+                out[f"{name}.{e}"] = qw
+    return out
+
+
 def decoder_layers(model):
     return model.model.layers
 

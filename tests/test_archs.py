@@ -106,19 +106,39 @@ def test_moe_decoders_export_to_onnx_with_the_kv_cache(arch, arch_dir, tmp_path)
     assert m["sqnr_db"] > 100 and m["greedy_agreement"] == 1.0
 
 
-def test_moe_quantize_keeps_routers_and_says_what_it_left_unquantized(arch_dir, tmp_path):
-    """Qwen2-MoE int4: attention and shared-expert linears quantized, the routers kept (not in layers_quantized), and
-    the 3-D routed experts left in floating point are counted in the record and named in its note."""
+def test_moe_quantize_keeps_routers_and_quantizes_each_expert(arch_dir, tmp_path):
+    """Qwen2-MoE int4 (torch): attention and shared-expert linears quantized, the routers kept (not in
+    layers_quantized), and each routed expert's matrix quantized on its own (before: the 3-D experts stayed fp32
+    while the record listed only embeddings / lm_head as kept). The stage's own logit check reloads the artifact,
+    which stacks the experts back from their codes."""
+    from edgepack.compress.quant_torch import read_quant_meta
     from edgepack.compress.quantize import QuantizeConfig, quantize
 
     art = quantize(open_artifact(arch_dir("qwen2_moe")), QuantizeConfig(method="int4-rtn", format="torch",
                                                                          eval_max_tokens=256), None, tmp_path / "q")
     m = art.history[-1]["metrics"]
     assert m["layers_quantized"] == 2 * (4 + 3)  # q k v o + the shared expert's gate / up / down, per layer
+    assert m["experts_quantized"] == 2 * 2 * 4  # (gate_up, down) x 4 experts per layer
     left = m["unquantized_params"]
-    assert left["routed experts"] == 2 * 4 * 3 * 64 * 64 and left["routers"] == 2 * (64 * 4 + 64)
-    assert left["embeddings / lm_head"] == 2 * 512 * 64
-    assert "routed-expert parameters" in m["note"] and 0.5 < m["unquantized_share"] < 1
+    assert "routed experts" not in left and left["routers"] == 2 * (64 * 4 + 64)
+    assert left["embeddings / lm_head"] == 2 * 512 * 64 and "note" not in m
+    assert m["sqnr_db"] > 10 and m["size_ratio_vs_fp32"] < 0.6
+    rec = read_quant_meta(art.path)["layers"]["model.layers.1.mlp.experts.down_proj.3"]
+    assert (rec["expert_of"], rec["expert"], rec["out_features"], rec["in_features"]) == (
+        "model.layers.1.mlp.experts.down_proj", 3, 64, 64)
+
+
+@pytest.mark.slow
+def test_moe_onnx_quantize_says_the_experts_stayed_floating_point(arch_dir, tmp_path):
+    """The ONNX graph gathers each token's experts from a 3-D fp32 initializer, which MatMulNBits cannot hold: the
+    record counts those parameters and says so."""
+    from edgepack.compress.quantize import QuantizeConfig, quantize
+
+    art = quantize(open_artifact(arch_dir("qwen2_moe")), QuantizeConfig(method="int4-rtn", format="onnx",
+                   exporter="torchscript", eval_max_tokens=256), None, tmp_path / "q")
+    m = art.history[-1]["metrics"]
+    assert m["layers_quantized"] == 14 and m["unquantized_params"]["routed experts"] == 2 * 4 * 3 * 64 * 64
+    assert "routed-expert parameters (3-D tensors) left in floating point" in m["note"]
 
 
 def test_wanda_walks_fused_projections_and_says_which_weights_stayed_dense(arch_dir, tmp_path):
