@@ -170,3 +170,17 @@ def test_lora_on_an_moe_wraps_experts_not_routers(arch_dir):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(".experts." in n for n in names) and any("self_attn" in n for n in names)
     assert not any(".mlp.gate." in n for n in names) and all("lora_" in n for n in names)
+
+
+@pytest.mark.slow
+def test_gpt2_cpu_compile_defaults_to_fp32_and_says_why(arch_dir, tmp_path):
+    """GPT-2's Conv1D projections are not quantized, so the CPU default (int4) would be a refusal: the default
+    precision becomes fp32 with a note, the graph passes the 60 dB gate (before: a KeyError traceback)."""
+    from edgepack.deploy.compile import CompileConfig, compile_stage
+    from edgepack.targets import load_target
+
+    art = compile_stage(open_artifact(arch_dir("gpt2")), CompileConfig(exporter="torchscript", measure_tokens=4),
+                        load_target("cpu-x86-64"), tmp_path / "c")
+    m = art.history[-1]["metrics"]
+    assert art.extra["precision"] == "fp32" and "Conv1D projections; wrote fp32" in m["note"]
+    assert m["sqnr_db"] >= m["min_sqnr_db"] == 60.0
