@@ -308,7 +308,8 @@ def gptq_model_(model, calib_ids: torch.Tensor, bits: int = 4, group_size: int =
 def _sequential_stages(names: list[str]) -> list[list[str]]:
     """Linears of a decoder layer grouped by the order data reaches them (Llama-style names); unknown names
     form a last stage of their own."""
-    order = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+    order = (("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "kv_a_proj_with_mqa"), ("q_b_proj", "kv_b_proj"),
+             ("o_proj",), ("gate_proj", "up_proj", "gate_up_proj"), ("down_proj",))
     stages = [[n for n in names if n.rsplit(".", 1)[-1] in group] for group in order]
     rest = [n for n in names if not any(n in st for st in stages)]
     return [st for st in stages if st] + ([rest] if rest else [])
@@ -402,11 +403,7 @@ def awq_scale_(model, calib_ids: torch.Tensor, bits: int = 4, group_size: int = 
     with torch.no_grad():
         states = _capture_layer_inputs(model, calib_ids)
         for li, layer in enumerate(decoder_layers(model)):
-            attn, mlp = layer.self_attn, layer.mlp
-            groups = [("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-                      ("gate_up", layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
-                      ("down", mlp.up_proj, [mlp.down_proj])]
-            for gname, prev, linears in groups:
+            for gname, linears, fold in awq_groups(layer):
                 x = _inputs_of(layer, linears[0], states, max_tokens)
                 xmean = x.abs().mean(0).clamp_min(1e-6)
                 ref = [x @ m.weight.T for m in linears]
@@ -423,13 +420,53 @@ def awq_scale_(model, calib_ids: torch.Tensor, bits: int = 4, group_size: int = 
                 _, alpha, s = best
                 for m in linears:
                     m.weight.mul_(s[None, :])
-                if prev is mlp.up_proj:
-                    prev.weight.div_(s[:, None])
-                else:
-                    prev.weight.div_(s)
+                fold(s)
                 chosen[f"model.layers.{li}.{gname}"] = alpha
             states = [(_first(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
     return chosen
+
+
+def _linears(module, names) -> list:
+    return [getattr(module, n) for n in names if isinstance(getattr(module, n, None), torch.nn.Linear)]
+
+
+def _fold_norm(norm):
+    """1/s folded into an RMSNorm's scale: weight / s, or for Gemma's (1 + weight) parametrisation (1 + w) / s - 1."""
+    def fold(s):
+        if "Gemma" in type(norm).__name__:
+            norm.weight.copy_((1 + norm.weight) / s - 1)
+        else:
+            norm.weight.div_(s)
+    return fold
+
+
+def _fold_rows(linear, start: int = 0):
+    """1/s folded into the output rows [start, start + len(s)) of the linear that feeds the scaled input."""
+    def fold(s):
+        linear.weight[start:start + len(s)].div_(s[:, None])
+    return fold
+
+
+def awq_groups(layer) -> list:
+    """(name, linears that read one input, fold of 1/s into the op before) per AWQ group of a decoder layer: the attention
+    inputs after the input norm (q/k/v, Phi-3's fused qkv_proj, MLA's q / q_a and kv_a projections), and a dense
+    gated MLP's gate/up after its norm (Gemma 2 / 3: pre_feedforward_layernorm) and down after up (Phi-3: the up
+    half of gate_up_proj). An MoE block's experts are not scaled (its attention is)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = []
+    first = _linears(attn, ("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "kv_a_proj_with_mqa"))
+    if first:
+        groups.append(("qkv", first, _fold_norm(layer.input_layernorm)))
+    mlp_norm = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
+    if isinstance(getattr(mlp, "gate_up_proj", None), torch.nn.Linear) and isinstance(getattr(mlp, "down_proj", None),
+                                                                                       torch.nn.Linear):
+        half = mlp.gate_up_proj.out_features // 2  # Phi-3: gate rows first, then up
+        groups += [("gate_up", [mlp.gate_up_proj], _fold_norm(mlp_norm)),
+                   ("down", [mlp.down_proj], _fold_rows(mlp.gate_up_proj, half))]
+    elif all(isinstance(getattr(mlp, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        groups += [("gate_up", [mlp.gate_proj, mlp.up_proj], _fold_norm(mlp_norm)),
+                   ("down", [mlp.down_proj], _fold_rows(mlp.up_proj))]
+    return groups
 
 
 def _inputs_of(layer, linear, states, max_tokens: int) -> torch.Tensor:

@@ -184,3 +184,25 @@ def test_gpt2_cpu_compile_defaults_to_fp32_and_says_why(arch_dir, tmp_path):
     m = art.history[-1]["metrics"]
     assert art.extra["precision"] == "fp32" and "Conv1D projections; wrote fp32" in m["note"]
     assert m["sqnr_db"] >= m["min_sqnr_db"] == 60.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2", "qwen2_moe", "deepseek_v2"])
+def test_awq_scaling_leaves_every_float_model_unchanged(arch, arch_dir):
+    """AWQ scales input channels and folds 1/s into the op before, which must leave the float model's logits as they
+    were: Phi-3's fused qkv_proj / gate_up_proj (the up half of its rows), Gemma's (1 + weight) norms and its
+    pre-feedforward norm, an MoE's attention, MLA's projections (before: AttributeError on Phi-3 and MoE models,
+    and on Gemma a fold into the wrong norm)."""
+    import torch
+
+    from edgepack.compress.quant_algos import awq_scale_
+    from edgepack.hf import load_model
+
+    model = load_model(open_artifact(arch_dir(arch)), device="cpu")
+    ids = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    alphas = awq_scale_(model, ids, max_tokens=64)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert alphas and float((after - before).abs().max()) < 1e-4 * float(before.abs().max())
+    assert any(a > 0 for a in alphas.values())  # some group really was rescaled
