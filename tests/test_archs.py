@@ -206,3 +206,18 @@ def test_awq_scaling_leaves_every_float_model_unchanged(arch, arch_dir):
         after = model(ids).logits
     assert alphas and float((after - before).abs().max()) < 1e-4 * float(before.abs().max())
     assert any(a > 0 for a in alphas.values())  # some group really was rescaled
+
+
+def test_a_recipe_refuses_an_architecture_before_its_first_stage_runs(arch_dir, tmp_path):
+    """A DeepSeek-V2 (MLA) chain whose CPU quantize step writes ONNX is refused before tune / prune run, in one line
+    naming the stage and the architecture; nothing is written."""
+    from edgepack.errors import UnsupportedOnTarget
+    from edgepack.plan import load_recipe, run_recipe
+
+    p = tmp_path / "r.toml"
+    p.write_text(f'[recipe]\nname = "t"\nmodel = "{arch_dir("deepseek_v2")}"\ntargets = ["cpu-x86-64"]\n'
+                 'workdir = "wd"\n[[stages]]\nkind = "prune"\nmethod = "depth"\n'
+                 '[[stages]]\nkind = "quantize"\nmethod = "int4-rtn"\n')
+    with pytest.raises(UnsupportedOnTarget, match="quantize: the 'deepseek_v2' architecture is not supported: MLA"):
+        run_recipe(load_recipe(p))
+    assert not (tmp_path / "wd").exists()
