@@ -182,7 +182,7 @@ def roofline(art, target, precision: str | None, prompt_len: int, gen_len: int, 
             from edgepack.targets.fit import model_shape
 
             s = model_shape(cfg)
-            kv = 2 * s.layers * s.kv_heads * s.head_dim * mean_ctx * batch * 4
+            kv = s.kv_elements_per_token * mean_ctx * batch * 4
         out["bytes_per_token"] = int((weight_bytes(art) + kv) / batch)  # weights are read once per step
         out["bytes_per_token_source"] = "artifact weight files on disk" + (" + fp32 KV cache" if kv else "")
     out["roofline_decode_tokens_per_s"] = bw / out["bytes_per_token"]  # all rows together

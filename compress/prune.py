@@ -161,9 +161,11 @@ def prune(src: Artifact, cfg: PruneConfig, target, out: Path, *, force: bool = F
     from edgepack.hf import load_model, load_tokenizer, save_model
 
     target_info = _check_target(cfg, target)  # before any weights load
-    if cfg.method == "width":
-        from edgepack.facts import read_model_config
+    from edgepack.archs import check_arch
+    from edgepack.facts import read_model_config
 
+    check_arch("prune", read_model_config(src.path, missing_ok=True), method=cfg.method)
+    if cfg.method == "width":
         pa.width_plan(read_model_config(src.path), cfg.sparsity, cfg.kv_sparsity)
     t0 = time.perf_counter()
     calib_path = text_path(cfg.calib)
@@ -199,6 +201,12 @@ def prune(src: Artifact, cfg: PruneConfig, target, out: Path, *, force: bool = F
                          "split": f"last {cfg.holdout:.0%} of the token stream"},
         "calib_sequences": int(calib.shape[0]), "calib_seq_len": cfg.seq_len,
     }
+    if cfg.method in ("magnitude", "wanda", "sparsegpt", "2:4"):
+        left = pa.unpruned_weights(model)
+        if left:
+            metrics["unpruned_params"] = left
+            metrics["note"] = (f"sparsity counts the walked linears only: {', '.join(f'{v:,} {k}' for k, v in left.items())} "
+                               "parameters stayed dense")
     with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         save_model(model, w.path, tokenizer_from=src.path)
         metrics["bytes"] = weight_bytes(w.path)

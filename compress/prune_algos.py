@@ -20,7 +20,10 @@ from torch import nn
 
 from edgepack.errors import ConfigError
 
-PRUNABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Decoder linears the unstructured pruners walk: Llama-style names, Phi-3's fused qkv_proj / gate_up_proj (each row
+# is still one output channel, which is what wanda / sparsegpt / N:M compare within), and DeepSeek's MLA projections
+PRUNABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
+            "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -37,6 +40,23 @@ def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
 
 def all_prunable(model) -> dict[str, nn.Linear]:
     return {f"layers.{i}.{n}": m for i, layer in enumerate(decoder_layers(model)) for n, m in prunable_linears(layer).items()}
+
+
+def unpruned_weights(model) -> dict[str, int]:
+    """Weight parameters (2-D and up) of the decoder layers that the unstructured pruners do not walk, by kind: an
+    MoE's routed experts (3-D tensors in transformers 5) and routers; the record says they stayed dense."""
+    from edgepack.compress.quant_algos import is_router
+
+    walked = {id(m.weight) for m in all_prunable(model).values()}
+    out: dict[str, int] = {}
+    for layer in decoder_layers(model):
+        for name, p in layer.named_parameters():
+            if p.dim() < 2 or id(p) in walked:
+                continue
+            kind = ("routed experts" if p.dim() == 3 or ".experts." in name else
+                    "routers" if is_router(name.rsplit(".", 1)[0]) else "other")
+            out[kind] = out.get(kind, 0) + p.numel()
+    return out
 
 
 def sparsity_of(model) -> float:

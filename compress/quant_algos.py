@@ -195,11 +195,45 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int 
 
 
 # ------------------------------------------------------------------------------------------------ model level
+# MoE routers (Linear hidden -> experts; Qwen2-MoE's shared-expert gate): tiny, and a flipped top-k choice sends a
+# token to another expert, so they stay at full precision
+ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate"})
+
+
+def is_router(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ROUTER_NAMES
+
+
 def quantizable_linears(model) -> dict[str, torch.nn.Linear]:
     """The decoder's nn.Linear layers by qualified name. lm_head is left out on purpose: it is tied to the input
-    embedding in many small models and is the most quantization-sensitive matrix (see quantize.py's record)."""
+    embedding in many small models and is the most quantization-sensitive matrix (see quantize.py's record); MoE
+    routers too (ROUTER_NAMES)."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+            if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head") and not is_router(name)}
+
+
+def expert_weights(model) -> dict[str, torch.nn.Parameter]:
+    """An MoE's routed experts stored as 3-D [experts, out, in] parameters (transformers 5's fused experts), by
+    qualified name; transposed layouts ([experts, in, out]) are left out (and stay floating point)."""
+    return {f"{mname}.{pname}": p for mname, m in model.named_modules()
+            if type(m).__name__.endswith("Experts") and not getattr(m, "is_transposed", False)
+            for pname, p in m.named_parameters(recurse=False) if p.dim() == 3}
+
+
+def experts_weight_only_(model, method: str, bits: int = 4, group_size: int = 32,
+                         symmetric: bool = False) -> dict[str, QuantizedWeight]:
+    """Each routed expert's matrix quantized on its own, data-free ('rtn' or 'hqq'), dequantized weights written
+    back; codes keyed NAME.E (expert E of the 3-D parameter NAME). group_size 0 = per output row."""
+    out = {}
+    with torch.no_grad():
+        for name, p in expert_weights(model).items():
+            for e in range(p.shape[0]):
+                w = p[e]
+                gs = group_size or w.shape[1]
+                qw = rtn(w, bits, gs, symmetric) if method == "rtn" else hqq(w, bits, gs)
+                w.copy_(qw.dequantize().to(p.dtype))
+                out[f"{name}.{e}"] = qw
+    return out
 
 
 def decoder_layers(model):
@@ -253,7 +287,7 @@ def gptq_model_(model, calib_ids: torch.Tensor, bits: int = 4, group_size: int =
         fp_states = states
         for li, layer in enumerate(decoder_layers(model)):
             fp_layer = copy.deepcopy(layer) if correct_inputs else None
-            linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and not is_router(n)}
             for stage in _sequential_stages(list(linears)):
                 hess, cross = _collect_stats(layer, stage, states, fp_layer, fp_states)
                 for name in stage:
@@ -274,7 +308,8 @@ def gptq_model_(model, calib_ids: torch.Tensor, bits: int = 4, group_size: int =
 def _sequential_stages(names: list[str]) -> list[list[str]]:
     """Linears of a decoder layer grouped by the order data reaches them (Llama-style names); unknown names
     form a last stage of their own."""
-    order = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+    order = (("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "kv_a_proj_with_mqa"), ("q_b_proj", "kv_b_proj"),
+             ("o_proj",), ("gate_proj", "up_proj", "gate_up_proj"), ("down_proj",))
     stages = [[n for n in names if n.rsplit(".", 1)[-1] in group] for group in order]
     rest = [n for n in names if not any(n in st for st in stages)]
     return [st for st in stages if st] + ([rest] if rest else [])
@@ -368,11 +403,7 @@ def awq_scale_(model, calib_ids: torch.Tensor, bits: int = 4, group_size: int = 
     with torch.no_grad():
         states = _capture_layer_inputs(model, calib_ids)
         for li, layer in enumerate(decoder_layers(model)):
-            attn, mlp = layer.self_attn, layer.mlp
-            groups = [("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-                      ("gate_up", layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
-                      ("down", mlp.up_proj, [mlp.down_proj])]
-            for gname, prev, linears in groups:
+            for gname, linears, fold in awq_groups(layer):
                 x = _inputs_of(layer, linears[0], states, max_tokens)
                 xmean = x.abs().mean(0).clamp_min(1e-6)
                 ref = [x @ m.weight.T for m in linears]
@@ -389,13 +420,53 @@ def awq_scale_(model, calib_ids: torch.Tensor, bits: int = 4, group_size: int = 
                 _, alpha, s = best
                 for m in linears:
                     m.weight.mul_(s[None, :])
-                if prev is mlp.up_proj:
-                    prev.weight.div_(s[:, None])
-                else:
-                    prev.weight.div_(s)
+                fold(s)
                 chosen[f"model.layers.{li}.{gname}"] = alpha
             states = [(_first(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
     return chosen
+
+
+def _linears(module, names) -> list:
+    return [getattr(module, n) for n in names if isinstance(getattr(module, n, None), torch.nn.Linear)]
+
+
+def _fold_norm(norm):
+    """1/s folded into an RMSNorm's scale: weight / s, or for Gemma's (1 + weight) parametrisation (1 + w) / s - 1."""
+    def fold(s):
+        if "Gemma" in type(norm).__name__:
+            norm.weight.copy_((1 + norm.weight) / s - 1)
+        else:
+            norm.weight.div_(s)
+    return fold
+
+
+def _fold_rows(linear, start: int = 0):
+    """1/s folded into the output rows [start, start + len(s)) of the linear that feeds the scaled input."""
+    def fold(s):
+        linear.weight[start:start + len(s)].div_(s[:, None])
+    return fold
+
+
+def awq_groups(layer) -> list:
+    """(name, linears that read one input, fold of 1/s into the op before) per AWQ group of a decoder layer: the attention
+    inputs after the input norm (q/k/v, Phi-3's fused qkv_proj, MLA's q / q_a and kv_a projections), and a dense
+    gated MLP's gate/up after its norm (Gemma 2 / 3: pre_feedforward_layernorm) and down after up (Phi-3: the up
+    half of gate_up_proj). An MoE block's experts are not scaled (its attention is)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = []
+    first = _linears(attn, ("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "kv_a_proj_with_mqa"))
+    if first:
+        groups.append(("qkv", first, _fold_norm(layer.input_layernorm)))
+    mlp_norm = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
+    if isinstance(getattr(mlp, "gate_up_proj", None), torch.nn.Linear) and isinstance(getattr(mlp, "down_proj", None),
+                                                                                       torch.nn.Linear):
+        half = mlp.gate_up_proj.out_features // 2  # Phi-3: gate rows first, then up
+        groups += [("gate_up", [mlp.gate_up_proj], _fold_norm(mlp_norm)),
+                   ("down", [mlp.down_proj], _fold_rows(mlp.gate_up_proj, half))]
+    elif all(isinstance(getattr(mlp, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        groups += [("gate_up", [mlp.gate_proj, mlp.up_proj], _fold_norm(mlp_norm)),
+                   ("down", [mlp.down_proj], _fold_rows(mlp.up_proj))]
+    return groups
 
 
 def _inputs_of(layer, linear, states, max_tokens: int) -> torch.Tensor:

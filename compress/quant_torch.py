@@ -89,7 +89,7 @@ def save_torch_quant(model, tensors: dict, layers: dict, meta: dict, dst: Path, 
 
     from edgepack.hf import copy_tokenizer
 
-    quantized = {f"{name}.weight" for name in layers}
+    quantized = {rec["expert_of"] if "expert_of" in rec else f"{name}.weight" for name, rec in layers.items()}
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()
              if k not in quantized and v.is_floating_point()}
     if getattr(model.config, "tie_word_embeddings", False):
@@ -151,8 +151,14 @@ def load_quantized(path: Path, device: str = "cpu", kernels: bool = False):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     st = load_file(str(path / WEIGHTS_FILE))
     state = {k: v for k, v in st.items() if not stored_payload_key(k, meta["layers"])}
+    experts: dict[str, dict] = {}
     for name, rec in meta["layers"].items():
-        state[f"{name}.weight"] = dequantized_weight(name, rec, st)
+        if "expert_of" in rec:  # one expert of a 3-D routed-experts parameter
+            experts.setdefault(rec["expert_of"], {})[int(rec["expert"])] = dequantized_weight(name, rec, st)
+        else:
+            state[f"{name}.weight"] = dequantized_weight(name, rec, st)
+    for name, slices in experts.items():
+        state[name] = torch.stack([slices[e] for e in range(len(slices))])
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
@@ -202,6 +208,8 @@ def apply_kernels(model, meta: dict, device: str, st: dict) -> str:
 
     kind = None
     for name, rec in meta["layers"].items():
+        if "expert_of" in rec:  # routed experts keep their dequantized weights (no batched low-bit kernel here)
+            continue
         tensors, layer = lowbit_from_stored(name, rec, st)
         old = model.get_submodule(name)
         if getattr(old, "bias", None) is not None:

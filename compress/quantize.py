@@ -31,6 +31,27 @@ FORMATS = ("onnx", "torch")
 # Which artifact path serves each runtime a target may prefer (TensorRT consumes ONNX).
 RUNTIME_FORMAT = {"onnxruntime": "onnx", "tensorrt": "onnx", "torch-cuda": "torch", "torch-cpu": "torch"}
 KEPT_FP32 = ("embed_tokens", "lm_head")
+
+
+def unquantized_params(model, experts_quantized: bool = False) -> dict[str, int]:
+    """Parameters the quantizers leave in floating point, by kind (the record says what was not quantized, and the
+    sizes it reports count them): the embedding and lm_head (kept on purpose), MoE routers (kept on purpose),
+    routed experts stored as 3-D tensors unless the torch path quantized them per expert, and norms / biases."""
+    from edgepack.compress.quant_algos import expert_weights, is_router, quantizable_linears
+
+    quantized = {f"{name}.weight" for name in quantizable_linears(model)}
+    if experts_quantized:
+        quantized |= set(expert_weights(model))
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if name in quantized:
+            continue
+        module = name.rsplit(".", 1)[0]
+        kind = ("embeddings / lm_head" if any(k in name for k in (*KEPT_FP32, "wte", "wpe")) else
+                "routed experts" if ".experts." in name or p.dim() == 3 else "routers" if is_router(module) else
+                "norms / biases" if p.dim() == 1 else "other")
+        out[kind] = out.get(kind, 0) + p.numel()
+    return out
 AUTO = "auto"
 # method = "auto", fastest decode first: 8-bit float where the GPU has fp8 tensor cores (weights prepared here in
 # torch; no CUDA needed to write them), else calibrated int4 (GPTQ), else int8. One recipe can so serve every target.
@@ -204,6 +225,10 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
     if src.format != "hf":
         raise ArtifactError(f"quantize reads Hugging Face checkpoints; '{src.path}' is a '{src.format}' artifact",
                             "quantize the model before export (the onnx format exports it for you)")
+    from edgepack.archs import check_arch
+    from edgepack.facts import read_model_config
+
+    check_arch("quantize", read_model_config(src.path, missing_ok=True), method=cfg.method, fmt=fmt)
     import numpy as np
 
     from edgepack.hf import load_model, load_tokenizer
@@ -222,6 +247,7 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
     before = perplexity(hf_logits_fn(model), eval_ids, proto)
     ref_logits = hf_logits_fn(model)(probe_ids(model.config.vocab_size))
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    total_params = sum(p.numel() for p in model.parameters())
     n_calib = 0
     with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         if fmt == "onnx":
@@ -235,6 +261,7 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
             details = _write_torch(model, src, cfg, tok, calib_text, w.path)
             n_calib = details.pop("calib_tokens")
             out_format, extra = "torch-quant", {}
+        left_fp = unquantized_params(model, details.get("experts_quantized", 0))
         del model
         from edgepack.quality import open_scorer
 
@@ -247,7 +274,12 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
                    "ppl_increase_pct": round(increase, 3), **parity, "bytes": weight_bytes,
                    "size_ratio_vs_fp32": round(weight_bytes / fp32_bytes, 4), "eval_tokens": after.tokens,
                    "calib_tokens": n_calib, "protocol": {**before.protocol, **texts},
-                   "method": cfg.method, "format": out_format, "kept_fp32": list(KEPT_FP32), **details}
+                   "method": cfg.method, "format": out_format, "kept_fp32": list(KEPT_FP32), **details,
+                   "unquantized_params": left_fp,
+                   "unquantized_share": round(sum(left_fp.values()) / total_params, 4)}
+        if left_fp.get("routed experts"):
+            metrics["note"] = (f"{left_fp['routed experts']:,} routed-expert parameters (3-D tensors) left in floating "
+                               f"point: {metrics['unquantized_share']:.0%} of the model is not quantized")
         if choice:
             metrics["method_choice"] = choice
         if not np.isfinite(after.perplexity):
@@ -266,6 +298,25 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
         rec = stage_record("quantize", asdict(cfg), time.perf_counter() - t0, metrics,
                            target=target.name if target is not None else None, parent=src.digest())
         return w.commit(format=out_format, record=rec, parent=src, base_model=src.base_model, extra=extra)
+
+
+def _quantize_experts_(model, cfg: QuantizeConfig, bits: int, tensors: dict, layers: dict) -> dict:
+    """An MoE's routed experts (3-D parameters the linear walkers do not reach): each expert's matrix quantized on its
+    own with the data-free form of cfg.method (hqq for int4-hqq, else round to nearest; GPTQ / AWQ calibration per
+    expert, on the tokens routed to it, is not implemented) and stored as layers NAME.E (expert_of / expert)."""
+    from edgepack.compress import quant_torch as qt
+    from edgepack.compress.quant_algos import experts_weight_only_
+
+    algo = "hqq" if cfg.method == "int4-hqq" else "rtn"
+    codes = experts_weight_only_(model, algo, bits, 0 if bits == 8 else cfg.group_size, cfg.symmetric or bits == 8)
+    if not codes:
+        return {}
+    for name, qw in codes.items():
+        t, rec = qt.int_layer_tensors(name, qw)
+        parent, _, e = name.rpartition(".")
+        tensors |= t
+        layers[name] = {**rec, "expert_of": parent, "expert": int(e)}
+    return {"experts_quantized": len(codes), "experts_method": f"{algo}, per expert (data-free)"}
 
 
 def _float32():
@@ -312,10 +363,11 @@ def _write_torch(model, src: Artifact, cfg: QuantizeConfig, tok, calib_text: str
             tensors |= t
             layers[name] = rec
         bits = 8 if cfg.method == "int8" else 4
+        info.update(_quantize_experts_(model, cfg, bits, tensors, layers))
         scheme = {"bits": bits, "group_size": cfg.group_size if bits == 4 else 0,
                   "symmetric": cfg.symmetric or bits == 8,
                   "scheme": "per output channel, symmetric" if bits == 8 else
                   f"groups of {cfg.group_size} input channels, {'symmetric' if cfg.symmetric else 'asymmetric'}"}
     meta = {"method": cfg.method, **scheme, "kept_fp32": list(KEPT_FP32)}
     qt.save_torch_quant(model, tensors, layers, meta, dst, src.path)
-    return {"layers_quantized": len(layers), "calib_tokens": calib_tokens, "scheme": scheme["scheme"], **info}
+    return {"layers_quantized": sum("expert_of" not in r for r in layers.values()), "calib_tokens": calib_tokens, "scheme": scheme["scheme"], **info}

@@ -40,6 +40,12 @@ def from_torch_quant(path: Path) -> tuple[dict, dict, dict, dict]:
     from edgepack.compress.quant_torch import read_quant_meta, stored_payload_key
 
     meta = read_quant_meta(path)
+    if any("expert_of" in rec for rec in meta["layers"].values()):
+        from edgepack.errors import UnsupportedOnTarget
+
+        raise UnsupportedOnTarget("compile: the GPU kernels take linears, and this torch-quant artifact holds an MoE's "
+                                  "routed experts quantized per expert", "compile the Hugging Face checkpoint for the "
+                                  "GPU (its runtime quantizes the linears itself)")
     st = load_file(str(Path(path) / TQ_WEIGHTS))
     tensors, layers = {}, {}
     for name, rec in meta["layers"].items():

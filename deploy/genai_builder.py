@@ -73,11 +73,12 @@ def vocab_width_clash(model_config: dict) -> list[str]:
     """Decoder matrices as wide as the vocabulary. The builder takes every nn.Linear with out_features == vocab_size
     for lm_head (builders/base.py has_lm_head), so such a model gets its logits wired to the wrong tensor (seen: MLP
     512 = vocab 512 -> logit SQNR 3 dB against PyTorch, even at fp32)."""
-    heads = model_config["num_attention_heads"]
-    head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
-    widths = {"hidden_size": model_config["hidden_size"], "intermediate_size": model_config.get("intermediate_size"),
-              "q_proj": heads * head_dim, "k_proj/v_proj": model_config.get("num_key_value_heads", heads) * head_dim}
-    return [k for k, v in widths.items() if v == model_config["vocab_size"]]
+    from edgepack.targets.fit import model_shape
+
+    s = model_shape(model_config)  # reads every family's names (GPT-2's n_embd / n_head too)
+    widths = {"hidden_size": s.hidden, "intermediate_size": s.intermediate, "q_proj": s.heads * s.head_dim,
+              "k_proj/v_proj": s.kv_heads * s.head_dim}
+    return [k for k, v in widths.items() if v == s.vocab]
 
 
 def check_genai(model_config: dict, precision: str) -> None:
@@ -86,8 +87,9 @@ def check_genai(model_config: dict, precision: str) -> None:
     if precision not in GENAI_PRECISIONS:
         raise ConfigError(f"the onnxruntime-genai builder does not write {precision}",
                           f"use builder = \"edgepack\" for {precision}, or one of {', '.join(GENAI_PRECISIONS)}")
-    heads = model_config["num_attention_heads"]
-    head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
+    from edgepack.targets.fit import model_shape
+
+    head_dim = model_shape(model_config).head_dim
     if head_dim % GQA_HEAD_MULTIPLE:
         raise UnsupportedOnTarget(
             f"onnxruntime's CPU GroupQueryAttention needs head_dim to be a multiple of {GQA_HEAD_MULTIPLE}; "

@@ -87,7 +87,10 @@ def decoder_wrapper(model):
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=self.model.config)
+            # Full layers even where the config slides a window (Mistral v0.1, Gemma 2 / 3): a sliding layer would
+            # trim the cache it returns to the window, so the graph's present tensors would stop growing past it
+            # (a runtime that allocates past + seq then fails); the window itself is applied by the attention mask
+            cache = DynamicCache()
             for i in range(n_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -96,6 +99,16 @@ def decoder_wrapper(model):
             return (out.logits, *present)
 
     return DecoderWithCache().eval()
+
+
+def moe_exportable_(model) -> bool:
+    """Route an MoE's experts through transformers' `batched_mm` implementation (gather each token's expert weights,
+    then batched matmuls): plain Gather / MatMul ops that both exporters trace, where the default grouped_mm kernel
+    and the eager loop (`histc`) have no ONNX form. The same arithmetic; True when the model has experts."""
+    if not any(type(m).__name__.endswith("Experts") for m in model.modules()):
+        return False
+    model.set_experts_implementation("batched_mm")
+    return True
 
 
 def _example_inputs(layout: dict):
@@ -117,6 +130,7 @@ def export_decoder(model, dst_dir: Path, cfg: ExportConfig) -> dict:
     require("onnxscript", "onnx", "ONNX export (torch.onnx dynamo exporter)")
     layout = kv_layout(model.config)
     inputs, outputs = io_names(layout["num_layers"])
+    moe_exportable_(model)
     wrapper = decoder_wrapper(model)
     example = _example_inputs(layout)
     path = Path(dst_dir) / ONNX_FILE
@@ -217,7 +231,11 @@ def export_onnx(src: Artifact, cfg: ExportConfig, target, out: Path, *, force: b
         raise ArtifactError(f"export reads Hugging Face checkpoints; '{src.path}' is a '{src.format}' artifact",
                             "export the model directory this artifact was made from")
     require("onnxruntime", "onnx", "validating the export")
+    from edgepack.archs import check_arch
+    from edgepack.facts import read_model_config
     from edgepack.hf import copy_tokenizer, load_model
+
+    check_arch("export", read_model_config(src.path, missing_ok=True))
 
     t0 = time.perf_counter()
     model = load_model(src, device="cpu")  # float32: the reference the export is held to

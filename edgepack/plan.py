@@ -214,12 +214,49 @@ def _branches(recipe: Recipe):
     return shared, rest
 
 
+def check_recipe_architecture(recipe: Recipe, src: Artifact) -> None:
+    """Every (stage, target) cell of the plan asked about the model's architecture (edgepack/archs.py) before the
+    first stage runs, so a recipe that would be refused at its quantize or compile step is refused now, not after
+    tune, prune and distill have run."""
+    from edgepack.archs import CONV1D, FUSED, arch, check_arch, is_mla, is_moe
+    from edgepack.errors import EdgepackError
+    from edgepack.facts import read_model_config
+
+    mc = read_model_config(src.path, missing_ok=True)
+    if not mc or not (arch(mc) in CONV1D | FUSED or is_mla(mc) or is_moe(mc)):
+        return  # the dense Llama-style families: every stage takes them
+    for step in recipe.steps:
+        for target in (recipe.targets if step.spec.per_target else [None]):
+            if target is not None and target.name in step.skip:
+                continue
+            cfg = step.for_target(target)[0] if step.spec.per_target else step.config
+            kind = step.spec.kind
+            if kind == "quantize":
+                from edgepack.compress.quantize import check_legal, resolve_method
+
+                fmt = check_legal(cfg, target)
+                check_arch(kind, mc, method=resolve_method(cfg, target)[0].method, fmt=fmt)
+            elif kind == "compile":
+                from edgepack.deploy.compile import choose_path
+
+                try:
+                    runtime = choose_path(cfg, target)["runtime"]
+                except EdgepackError:
+                    continue  # the stage itself says what is wrong, with its real source
+                if runtime != "torch-cuda":
+                    check_arch(kind, mc)
+            elif kind in ("prune", "export"):
+                check_arch(kind, mc, method=getattr(cfg, "method", None))
+
+
 def run_recipe(recipe: Recipe, *, dry_run: bool = False, on_step=None) -> list[StepResult]:
     """Fold the model through the stages. on_step(StepResult) is called after each step (for live output)."""
     if dry_run and is_hub_id(recipe.model):  # nothing is downloaded for a dry run
         src = Artifact(Path(recipe.model), {"format": "hf", "base_model": recipe.model, "history": []}, False)
     else:
         src = open_artifact(fetch_model(recipe.model), trust_pickle=recipe.trust_pickle)
+    if src.path.exists():
+        check_recipe_architecture(recipe, src)  # a stage that cannot take this architecture refuses before any work
     recipe.workdir.mkdir(parents=True, exist_ok=True) if not dry_run else None
     shared, rest = _branches(recipe)
     results: list[StepResult] = []

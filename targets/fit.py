@@ -45,13 +45,17 @@ ORT_CPU_BYTES_PER_PARAM = 3.0
 
 # Decoder-only families whose MLP has two matrices instead of the gated three (up, gate, down).
 _UNGATED_MLP = {"gpt2", "gpt_neox", "opt", "phi", "falcon", "bloom", "gpt_bigcode", "starcoder2"}
+# Families whose q/k/v projections carry a bias without saying so with `attention_bias` (Qwen2, its MoE, R1-Distill)
+_QKV_BIAS = {"qwen2", "qwen2_moe"}
+_QK_NORM = {"qwen3", "qwen3_moe", "gemma3", "gemma3_text"}  # an RMSNorm over head_dim on queries and on keys
+_SANDWICH_NORM = {"gemma2", "gemma3", "gemma3_text"}  # norms before and after both attention and MLP: 4 per layer
 
 
 @dataclass(frozen=True)
 class ModelShape:
     model_type: str
     hidden: int
-    intermediate: int
+    intermediate: int  # dense MLP width (the MLP of every layer of a dense model, of the dense layers of an MoE)
     layers: int
     heads: int
     kv_heads: int
@@ -59,29 +63,90 @@ class ModelShape:
     vocab: int
     tied: bool
     gated_mlp: bool
-    experts: int  # 0 = dense
+    experts: int  # routed experts per MoE layer; 0 = dense
     experts_per_token: int
+    moe_layers: int = 0  # layers whose MLP is the MoE block (the others keep the dense MLP)
+    expert_intermediate: int = 0  # width of one routed expert's MLP (moe_intermediate_size)
+    shared_intermediate: int = 0  # total width of the always-active shared expert(s) of an MoE layer
+    shared_gate: bool = False  # Qwen2-MoE: a sigmoid gate Linear(hidden, 1) on the shared expert
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    norms_per_layer: int = 2
+    # MLA (DeepSeek-V2/V3): queries through an optional low-rank q_lora_rank, keys and values from one latent of
+    # kv_lora_rank (+ a shared rope key of qk_rope_head_dim) that is what the KV cache holds; 0 = ordinary attention
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def attention_params(self) -> int:
+        """Linear (and MLA's latent-norm) parameters of one layer's attention."""
+        if self.mla:
+            qk = self.heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
+            q = self.hidden * qk if not self.q_lora_rank else (self.hidden + 1) * self.q_lora_rank + self.q_lora_rank * qk
+            kv = (self.hidden * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+                  + self.kv_lora_rank * self.heads * (self.qk_nope_head_dim + self.v_head_dim))
+            return q + kv + self.heads * self.v_head_dim * self.hidden
+        bias = self.head_dim * (self.heads + 2 * self.kv_heads) if self.qkv_bias else 0
+        return self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads) + bias
+
+    @property
+    def attention_rows(self) -> int:
+        if self.mla:
+            q = self.heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
+            return (q + self.q_lora_rank + self.kv_lora_rank + self.qk_rope_head_dim
+                    + self.heads * (self.qk_nope_head_dim + self.v_head_dim) + self.hidden)
+        return self.head_dim * (self.heads + 2 * self.kv_heads) + self.hidden
+
+    def _mlp(self, width: int) -> int:
+        return (3 if self.gated_mlp else 2) * self.hidden * width
+
+    def _mlp_rows(self, width: int) -> int:
+        return (2 * width + self.hidden) if self.gated_mlp else (width + self.hidden)
+
+    @property
+    def router_params(self) -> int:
+        """Per MoE layer: the router Linear(hidden, experts) (+ the shared expert's gate), kept high precision."""
+        return self.hidden * self.experts + (self.hidden if self.shared_gate else 0)
+
+    def _moe_layer_params(self, routed: int) -> int:
+        return routed * self._mlp(self.expert_intermediate) + self._mlp(self.shared_intermediate) + self.router_params
 
     @property
     def block_linear_params(self) -> int:
-        """Parameters in the linear layers of all blocks (all experts)."""
-        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)  # q, o and k, v
-        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
-        return self.layers * (attn + mlp * max(1, self.experts))
+        """Parameters in the linear layers of all blocks (all experts resident)."""
+        dense = self.layers - self.moe_layers
+        return (self.layers * self.attention_params + dense * self._mlp(self.intermediate)
+                + self.moe_layers * self._moe_layer_params(self.experts))
 
     @property
     def block_linear_rows(self) -> int:
         """Output rows (channels) of all block linears: what per-channel scales count."""
-        attn = self.head_dim * (self.heads + 2 * self.kv_heads) + self.hidden
-        mlp = (2 * self.intermediate + self.hidden) if self.gated_mlp else (self.intermediate + self.hidden)
-        return self.layers * (attn + mlp * max(1, self.experts))
+        moe = (self.experts * self._mlp_rows(self.expert_intermediate)
+               + (self._mlp_rows(self.shared_intermediate) if self.shared_intermediate else 0))
+        return (self.layers * self.attention_rows + (self.layers - self.moe_layers) * self._mlp_rows(self.intermediate)
+                + self.moe_layers * moe)
 
     @property
     def active_block_linear_params(self) -> int:
-        """Linear parameters read per token (only the routed experts of an MoE)."""
-        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
-        return self.layers * (attn + mlp * (self.experts_per_token if self.experts else 1))
+        """Linear parameters read per token: of an MoE only the router, the shared and the routed experts."""
+        dense = self.layers - self.moe_layers
+        return (self.layers * self.attention_params + dense * self._mlp(self.intermediate)
+                + self.moe_layers * self._moe_layer_params(self.experts_per_token))
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """KV cache elements per token of context, all layers: keys and values per kv head, or MLA's one latent
+        (kv_lora_rank) plus the shared rope key per layer, which is what an MLA runtime caches."""
+        if self.mla:
+            return self.layers * (self.kv_lora_rank + self.qk_rope_head_dim)
+        return 2 * self.layers * self.kv_heads * self.head_dim
 
     @property
     def embedding_params(self) -> int:
@@ -93,11 +158,17 @@ class ModelShape:
 
     @property
     def norm_params(self) -> int:
-        return (2 * self.layers + 1) * self.hidden
+        return (self.norms_per_layer * self.layers + 1) * self.hidden + (2 * self.layers * self.head_dim
+                                                                          if self.qk_norm else 0)
 
     @property
     def total_params(self) -> int:
         return self.block_linear_params + self.embedding_params + self.lm_head_params + self.norm_params
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token computes with (an MoE's 'activated' count; embeddings included, as published)."""
+        return self.active_block_linear_params + self.embedding_params + self.lm_head_params + self.norm_params
 
 
 def _get(cfg: dict, *names, default=None):
@@ -105,6 +176,18 @@ def _get(cfg: dict, *names, default=None):
         if cfg.get(n) is not None:
             return cfg[n]
     return default
+
+
+def _moe_layer_count(cfg: dict, layers: int, experts: int) -> int:
+    """Layers whose MLP is the MoE block: DeepSeek's first_k_dense_replace / moe_layer_freq, Qwen-MoE's
+    decoder_sparse_step / mlp_only_layers; Mixtral-style configs route in every layer."""
+    if not experts:
+        return 0
+    if "first_k_dense_replace" in cfg or "moe_layer_freq" in cfg:
+        first, freq = int(cfg.get("first_k_dense_replace") or 0), int(cfg.get("moe_layer_freq") or 1)
+        return sum(1 for i in range(layers) if i >= first and i % freq == 0)
+    step, only = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or ())
+    return sum(1 for i in range(layers) if i not in only and (i + 1) % step == 0)
 
 
 def model_shape(cfg: dict) -> ModelShape:
@@ -121,15 +204,29 @@ def model_shape(cfg: dict) -> ModelShape:
         raise ConfigError(f"config.json lacks positive integer {', '.join(missing)}",
                           "fit needs a decoder-only transformer config (Llama, Qwen, Mistral, GPT-2 style)")
     mt = str(cfg.get("model_type", "llama"))
+    intermediate = _get(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+    experts = int(_get(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
+    expert_width = int(_get(cfg, "moe_intermediate_size", default=intermediate))
+    shared = int(_get(cfg, "shared_expert_intermediate_size", default=0) or 0)
+    if not shared and cfg.get("n_shared_experts"):  # DeepSeek: n shared experts of the routed experts' width
+        shared = int(cfg["n_shared_experts"]) * expert_width
+    mla = int(cfg.get("kv_lora_rank") or 0)
     return ModelShape(
-        model_type=mt, hidden=hidden, layers=layers, heads=heads, vocab=vocab,
-        intermediate=_get(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        model_type=mt, hidden=hidden, layers=layers, heads=heads, vocab=vocab, intermediate=intermediate,
         kv_heads=_get(cfg, "num_key_value_heads", "num_kv_heads", default=heads),
         head_dim=_get(cfg, "head_dim", default=hidden // heads),
         tied=bool(cfg.get("tie_word_embeddings", mt in _UNGATED_MLP)),
         gated_mlp=mt not in _UNGATED_MLP,
-        experts=int(_get(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0),
+        experts=experts,
         experts_per_token=int(_get(cfg, "num_experts_per_tok", "moe_topk", default=2)),
+        moe_layers=_moe_layer_count(cfg, layers, experts), expert_intermediate=expert_width if experts else 0,
+        shared_intermediate=shared if experts else 0, shared_gate=bool(experts and shared and mt == "qwen2_moe"),
+        qkv_bias=bool(cfg.get("attention_bias", mt in _QKV_BIAS)), qk_norm=mt in _QK_NORM,
+        norms_per_layer=4 if mt in _SANDWICH_NORM else 2,
+        kv_lora_rank=mla, q_lora_rank=int(cfg.get("q_lora_rank") or 0) if mla else 0,
+        qk_nope_head_dim=int(cfg.get("qk_nope_head_dim") or 0) if mla else 0,
+        qk_rope_head_dim=int(cfg.get("qk_rope_head_dim") or 0) if mla else 0,
+        v_head_dim=int(cfg.get("v_head_dim") or 0) if mla else 0,
     )
 
 
@@ -161,6 +258,7 @@ class FitReport:
     decode_tokens_per_s_limit: float
     bandwidth_bytes_per_s: float
     note: str = ""
+    active_params: int = 0  # parameters read per decoded token (< params for an MoE: only the routed experts)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -188,7 +286,7 @@ def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048,
     other = act if quantized else _WEIGHT_BYTES[precision]
     weights = s.block_linear_params * wb + (s.embedding_params + s.lm_head_params) * other + s.norm_params * act
     weights += s.block_linear_rows * _RUNTIME_SCALE_BYTES_PER_ROW.get((runtime, precision), 0.0)
-    kv = 2 * s.layers * s.kv_heads * s.head_dim * context * batch * act
+    kv = s.kv_elements_per_token * context * batch * act
     ort_cpu = runtime == "onnxruntime" and target.device_type == "cpu"
     # Workspace: prefill activations for one full-length pass (residual, q/k/v/o, gated MLP intermediates), the
     # fp32 logits of one step, and on CPU runtimes the materialised attention scores (no fused attention kernel).
@@ -210,7 +308,11 @@ def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048,
         usable_bytes=target.usable_memory_bytes, fits=required <= target.usable_memory_bytes,
         headroom_bytes=target.usable_memory_bytes - required, bytes_per_token=int(read_per_step / batch),
         decode_tokens_per_s_limit=round(limit, 2), bandwidth_bytes_per_s=target.bandwidth_bytes_per_s,
-        note="roofline prediction (bandwidth / bytes read per decode step), not a measurement",
+        note="roofline prediction (bandwidth / bytes read per decode step), not a measurement"
+             + (f"; MoE: all {s.experts} experts resident, {s.experts_per_token} read per token" if s.experts else "")
+             + ("; MLA: the KV cache is the latent (kv_lora_rank + rope key per layer), as MLA runtimes keep it; "
+                "transformers' eager cache holds the expanded keys and values" if s.mla else ""),
+        active_params=s.active_params,
     )
 
 

@@ -204,3 +204,58 @@ def test_fit_that_fails_says_what_would_fit(tmp_path, stories):
     assert "what would fit" in res.stdout and "context 1562500 at fp16 on jetson-orin-nano-8gb" in res.stdout
     fits = json.loads(CliRunner().invoke(cli, ["fit", str(stories), "--target", "cpu-x86-64", "--json"]).stdout)
     assert fits["fits"] and "would_fit" not in fits
+
+
+# The published configs (config.json on the Hugging Face hub) of the two MoE models the issue checks against
+DEEPSEEK_V2_LITE = dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                        num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+                        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, v_head_dim=128,
+                        qk_nope_head_dim=128, moe_layer_freq=1, first_k_dense_replace=1, tie_word_embeddings=False)
+QWEN15_MOE_A27B = dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                       moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60,
+                       num_experts_per_tok=4, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                       decoder_sparse_step=1, tie_word_embeddings=False)
+
+
+def test_moe_and_mla_counts_match_the_published_models():
+    """All experts resident, only the routed ones read per token; MLA caches one latent per layer (issue 19: fit
+    said 117.1B for DeepSeek-V2-Lite, 50.9B for Qwen1.5-MoE-A2.7B and a 1728 MiB fp32 KV cache at 4096 tokens)."""
+    cpu = load_target("cpu-x86-64")
+    ds = fit(DEEPSEEK_V2_LITE, cpu, "fp32", context=4096)
+    assert ds.params == pytest.approx(15.7e9, rel=0.005)  # "15.7B total parameters"
+    assert ds.kv_cache_bytes == 27 * (512 + 64) * 4096 * 4  # 243 MiB: latent + rope key, fp32 on a CPU
+    assert 2.4e9 < ds.active_params < 2.7e9  # "2.4B activated" (lm_head in, the input embedding lookup out)
+    qw = fit(QWEN15_MOE_A27B, cpu, "fp32", context=4096)
+    assert qw.params == pytest.approx(14.3e9, rel=0.005)  # "14.3B parameters in total"
+    assert qw.active_params == pytest.approx(2.7e9, rel=0.02)  # "2.7B activated"
+    assert qw.kv_cache_bytes == 2 * 24 * 16 * 128 * 4096 * 4  # ordinary attention
+    # decode reads the active experts: the roofline follows active, not resident, bytes
+    assert qw.bytes_per_token < 0.25 * qw.weights_bytes
+    assert "all 60 experts resident" in qw.note and "MLA" in ds.note
+
+
+def test_fit_counts_every_parameter_of_the_real_config_classes():
+    """model_shape's count equals the parameters transformers builds (meta device: no memory) for tiny models of
+    each family, dense and MoE, with the knobs that change the count (biases, shared experts, dense first layers,
+    MLA with and without q_lora_rank)."""
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0)
+    moe = dict(moe_intermediate_size=32, num_experts_per_tok=2)
+    mla = dict(common, **moe, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, kv_lora_rank=16,
+               qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=1)
+    configs = [tf.LlamaConfig(**common), tf.Qwen2Config(**common), tf.MistralConfig(**common),
+               tf.Qwen3Config(**common, head_dim=16), tf.Phi3Config(**common), tf.Gemma2Config(**common, head_dim=16),
+               tf.Gemma3TextConfig(**common, head_dim=16),
+               tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+               tf.Qwen2MoeConfig(**common, **moe, num_experts=4, shared_expert_intermediate_size=48),
+               tf.Qwen3MoeConfig(**common, **moe, num_experts=4, head_dim=16),
+               tf.DeepseekV2Config(**mla, q_lora_rank=None), tf.DeepseekV3Config(**mla, q_lora_rank=24)]
+    for c in configs:
+        with torch.device("meta"):
+            model = tf.AutoModelForCausalLM.from_config(c)
+        built = sum(p.numel() for p in model.parameters())
+        assert model_shape(c.to_dict()).total_params == built, c.model_type

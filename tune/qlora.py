@@ -252,12 +252,18 @@ def add_lora(model, cfg: TuneConfig):
         n = _n_layers(model)
         frozen = frozen_layers(cfg, n)[0]
         layers = [i for i in range(n) if i not in frozen]
-        if targets == "all-linear":  # peft takes layers_to_transform only with module names: name the linears
-            import torch
+    moe = any(type(m).__name__.endswith("Experts") for m in model.modules())
+    # Name the linears ourselves where peft's "all-linear" will not do: it takes layers_to_transform only with module
+    # names, and on an MoE it also wraps the 3-D routed-expert parameters (a ParamWrapper that refuses dropout) and
+    # the routers (kept as they are: a LoRA on a router moves tokens to other experts)
+    if targets == "all-linear" and (layers is not None or moe):
+        import torch
 
-            head = model.get_output_embeddings()
-            targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                              if isinstance(m, torch.nn.Linear) and m is not head})
+        from edgepack.compress.quant_algos import is_router
+
+        head = model.get_output_embeddings()
+        targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and m is not head and not is_router(name)})
     if targets != "all-linear":  # a name that matches no module: say which names exist (peft raises a ValueError)
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         unknown = sorted(set(targets) - names)
@@ -266,7 +272,14 @@ def add_lora(model, cfg: TuneConfig):
 
             raise ConfigError(f"target_modules {', '.join(unknown)}: no module of the model has that name"
                               f"{did_you_mean(unknown[0], names)}", "use 'all-linear' or names such as q_proj, v_proj")
-    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+    dropout = cfg.dropout
+    if moe and dropout:  # peft maps gate/up/down onto the 3-D routed experts (ParamWrapper), which take no dropout
+        import sys
+
+        dropout = 0.0
+        print(f"tune: lora_dropout {cfg.dropout:g} -> 0 on this MoE: peft's LoRA on the routed experts takes no "
+              "dropout", file=sys.stderr, flush=True)
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=dropout, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM", layers_to_transform=layers)
     return get_peft_model(model, lcfg)
 

@@ -92,6 +92,11 @@ def compile_cmd(model, target_name, output, force, trust_pickle, as_json, **sett
     print_table(f"compile for {target.name}: wrote {art.path}", ["runtime", "precision", "made by", "size",
                                                                  "decode tok/s", "seconds"], rows,
                 caption=m.get("note") or m.get("speed_note") or f"run it: edgepack generate {art.path} --prompt 'Once upon a time'")
+    if m.get("builder_fallback"):
+        click.echo(f"note: {m['builder_fallback']}")
+    if m.get("min_sqnr_db") is not None:
+        click.echo(f"logits vs PyTorch: {m['sqnr_db']} dB SQNR (gate: >= {m['min_sqnr_db']} dB), argmax agreement "
+                   f"{m.get('argmax_agreement', float('nan')):.0%}")
     for label, key in (("checked here", "checked_here"), ("only the GPU can check", "gpu_only")):
         for line in m.get(key) or []:
             click.echo(f"{label}: {line}")

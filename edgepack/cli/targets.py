@@ -123,7 +123,8 @@ def fit_cmd(model, target_name, precision, context, batch, group_size, runtime, 
     if as_json:
         emit_json(r.to_dict() | ({"would_fit": would} if would else {}))
         return
-    rows = [["parameters", f"{r.params:,}"], ["weights", fmt_bytes(r.weights_bytes)],
+    rows = [["parameters", f"{r.params:,}" + (f" ({r.active_params:,} active per token)"
+                                              if r.active_params != r.params else "")], ["weights", fmt_bytes(r.weights_bytes)],
             ["KV cache", fmt_bytes(r.kv_cache_bytes)], ["workspace + runtime", fmt_bytes(r.workspace_bytes)],
             ["required", fmt_bytes(r.required_bytes)], ["usable on target", fmt_bytes(r.usable_bytes)],
             ["verdict", ("FITS, headroom " if r.fits else "DOES NOT FIT, short by ") + fmt_bytes(abs(r.headroom_bytes))],
