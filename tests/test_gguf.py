@@ -211,3 +211,17 @@ def test_llamacpp_runs_the_export_like_torch(tiny_model, tiny_qwen2, tmp_path, w
     want = generate(open_runtime(q), ids[:, :8], GenerationConfig(max_new_tokens=16)).tokens
     got_toks = generate(open_runtime(g, threads=1), ids[:, :8], GenerationConfig(max_new_tokens=16)).tokens
     assert (np.asarray(want) == np.asarray(got_toks)).mean() >= 0.8  # llama.cpp quantizes activations to 8 bits
+
+
+def test_gguf_bundles_for_targets_that_list_llamacpp(tiny_model, tmp_path):
+    from edgepack.deploy.bundle import make_bundle
+    from edgepack.errors import UnsupportedOnTarget
+    from edgepack.targets import load_target
+
+    q = _quantize(tiny_model, tmp_path / "q", method="int4-rtn", symmetric=True)
+    g = ge.export_gguf(q, ge.GgufConfig(), None, tmp_path / "g")
+    out = make_bundle(g, load_target("cpu-x86-64"), tmp_path / "b")
+    assert "llama-cpp-python" in (out / "requirements.txt").read_text()
+    assert json.loads((out / "runtime.json").read_text())["runtime"] == "llama.cpp"
+    with pytest.raises(UnsupportedOnTarget, match="llama.cpp"):
+        make_bundle(g, load_target("h100-sxm"), tmp_path / "b2")
