@@ -82,10 +82,8 @@ class LlamaCppRuntime:
         return {"rss_bytes": process_rss_bytes()}
 
     def describe(self) -> dict:
-        from importlib import metadata
-
         return {"runtime": self.name, "device": "cuda" if self.gpu else "cpu", "threads": self.threads, "n_ctx": self.n_ctx,
-                "llama_cpp_python": metadata.version("llama-cpp-python"), "file_type": self.extra.get("file_type"),
+                "llama_cpp_python": getattr(self.llama_cpp, "__version__", "unknown"), "file_type": self.extra.get("file_type"),
                 "precision": self.extra.get("precision"), "made_by": self.extra.get("made_by", "unknown")}
 
 

@@ -204,6 +204,7 @@ def test_llamacpp_runs_the_export_like_torch(tiny_model, tiny_qwen2, tmp_path, w
     rt = open_runtime(f32, threads=1)
     got = rt.forward_logits(ids)
     assert sqnr_db(ref, got) > 60  # measured 74.6 dB (llama); a wrong q/k permutation or a lost bias: < 20 dB
+    assert rt.describe()["runtime"] == "llama.cpp"  # bench / generate print it (no dist metadata needed)
     last = rt.prefill(ids)
     np.testing.assert_allclose(last[0], ref[0, -1], atol=1e-3 * max(1.0, np.abs(ref).max()))
     q = _quantize(src, tmp_path / "q", method="int4-rtn", symmetric=True)
