@@ -113,12 +113,20 @@ def build_paths(model: Path, work: Path, nice: bool, have_llama: bool) -> dict:
                     paths[f"llama.cpp-{name}"] = {"path": str(dst), "runtime": "llama.cpp", "build": b}
                 except RuntimeError as exc:
                     paths[f"llama.cpp-{name}"] = {"error": str(exc)}
+                print(f"[build] llama.cpp-{name}: {paths[f'llama.cpp-{name}']}", file=sys.stderr, flush=True)
             elif (dst / "edgepack.json").is_file():
                 paths[f"llama.cpp-{name}"] = {"path": str(dst), "runtime": "llama.cpp", "build": {"reused": True}}
     else:
         for name in LLAMA_FTYPES:
             paths[f"llama.cpp-{name}"] = {"error": "llama-cpp-python is not importable here (extra llamacpp)"}
     paths["transformers-fp32"] = {"path": str(model), "runtime": "torch-cpu", "build": {"seconds": 0}}
+    # build figures survive a re-run that reuses the artifacts
+    record = work / "builds.json"
+    old = json.loads(record.read_text()) if record.is_file() else {}
+    for label, entry in paths.items():
+        if entry.get("build", {}).get("reused") and label in old:
+            entry["build"] = {**old[label], "reused": True}
+    record.write_text(json.dumps({k: v["build"] for k, v in paths.items() if "build" in v}, indent=1))
     return paths
 
 
