@@ -6,7 +6,7 @@ VENV   ?= .venv
 # torch is not pinned in pyproject.toml (users bring CUDA / Jetson builds); this machine type installs the local
 # CPU build. Override, e.g.: make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu126"
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,onnx,genai,tune,serve,ssh,plot,eval
+EXTRAS ?= dev,onnx,genai,tune,serve,ssh,plot,eval,gguf
 BIN := $(VENV)/bin
 
 .PHONY: demo test install lint clean

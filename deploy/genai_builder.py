@@ -113,7 +113,10 @@ def build_genai(src_dir: Path, dst: Path, precision: str, *, accuracy_level: int
     dst.mkdir(parents=True, exist_ok=True)
     cache = dst.parent / f".{dst.name}.genai-cache"
     options = builder_options(precision, accuracy_level, block_size, options)
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src_dir), "-o", str(dst),
+    # the builder with its CPU k_quant in chunks (deploy/genai_run.py: the same codes, bounded memory)
+    from edgepack.deploy.genai_run import RUN_BUILDER
+
+    cmd = [sys.executable, "-c", RUN_BUILDER, "-i", str(src_dir), "-o", str(dst),
            "-p", GENAI_PRECISIONS[precision], "-e", "cpu", "-c", str(cache)]
     if options:
         cmd += ["--extra_options", *options]

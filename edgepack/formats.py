@@ -28,6 +28,8 @@ FORMATS: dict[str, Format] = {
     # compiled for torch-cuda with low-bit weights (deploy/cuda_weights.py); its scorer emulates the GPU's weights
     "torch-cuda": Format("torch-cuda", "edgepack.deploy.cuda_weights:open_torch_cuda_scorer", (".safetensors",)),
     "lora-adapter": Format(None, None, (".safetensors",), "tune"),
+    # written by deploy/gguf_export.py (our measured codes in Q4_0 / Q4_1 / Q8_0 blocks), run by llama.cpp
+    "gguf": Format("llama.cpp", "edgepack.deploy.llamacpp_runtime:open_gguf_scorer", (".gguf",), "llamacpp"),
 }
 # every weight file name ending any format uses, plus compiled engines and GGUF files
 WEIGHT_SUFFIXES: tuple[str, ...] = tuple(dict.fromkeys(
@@ -52,6 +54,9 @@ RUNTIMES: dict[str, RuntimeInfo] = {
                               (("torch", ""),), profile=True),
     "tensorrt": RuntimeInfo("edgepack.deploy.tensorrt_runtime:open_tensorrt_runtime", ("tensorrt",),
                             ("onnx", "tensorrt", "serve"), profile=True),
+    # llama-cpp-python (CPU build here; llama.cpp's CUDA build also runs on Jetson Orin): GGUF artifacts
+    "llama.cpp": RuntimeInfo("edgepack.deploy.llamacpp_runtime:open_llamacpp_runtime", ("llama.cpp",),
+                             ("llamacpp", "serve"), (("llama_cpp", "llamacpp"),), profile=True),
     "hf": RuntimeInfo("edgepack.deploy.torch_runtime:open_hf_baseline", ("torch-cpu", "torch-cuda"), ("serve",),
                       (("torch", ""),)),
     "torch-quant": RuntimeInfo("edgepack.compress.quant_torch:open_torch_quant_runtime", ("torch-cpu", "torch-cuda"),

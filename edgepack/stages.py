@@ -40,6 +40,8 @@ REGISTRY: dict[str, StageSpec] = {
                       False, "measure perplexity on a text (edgepack-ppl-v1) and record it"),
     "export": StageSpec("export", "edgepack.deploy.onnx_export:ExportConfig", "edgepack.deploy.onnx_export:export_onnx",
                         False, "ONNX decoder with KV cache; logits max-abs-diff and greedy-token agreement vs PyTorch"),
+    "gguf": StageSpec("gguf", "edgepack.deploy.gguf_export:GgufConfig", "edgepack.deploy.gguf_export:export_gguf",
+                      False, "GGUF for llama.cpp holding the measured codes (Q4_0 / Q4_1 / Q8_0), read back and compared"),
     "compile": StageSpec("compile", "edgepack.deploy.compile:CompileConfig", "edgepack.deploy.compile:compile_stage",
                          True, "runnable artifact for the target: runtime + precision from its profile (CPU: onnxruntime)"),
     "quantize": StageSpec("quantize", "edgepack.compress.quantize:QuantizeConfig", "edgepack.compress.quantize:quantize",

@@ -244,7 +244,7 @@ def local_target() -> Target:
         sm=cuda["sm"] if cuda else None, memory_bytes=int(vm.total), usable_memory_bytes=int(vm.available),
         bandwidth_bytes_per_s=bw, unified_memory=True,
         precisions=("fp32", "fp16", "bf16", "int8", "int4") if jetson else ("fp32", "int8", "int4"),
-        runtimes=("tensorrt", "torch-cuda", "onnxruntime") if jetson else ("onnxruntime", "torch-cpu"),
+        runtimes=("tensorrt", "torch-cuda", "onnxruntime", "llama.cpp") if jetson else ("onnxruntime", "torch-cpu", "llama.cpp"),
         engine_build="device" if jetson else "host", measured=measured,
         sources={"memory": "measured: psutil total RAM", "usable_memory": "measured: psutil available RAM now",
                  "bandwidth": measured["bandwidth_method"]},

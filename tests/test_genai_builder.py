@@ -102,3 +102,26 @@ def test_auto_builder_falls_back_to_edgepack_when_genai_would_misread_lm_head(tm
     bad = open_artifact(make_tiny_llama(tmp_path / "bad", intermediate_size=512))
     builder, why = resolve_builder(CompileConfig(), bad, path)
     assert builder == "edgepack" and "intermediate_size" in why
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_chunked_k_quant_gives_the_builders_codes_bit_for_bit(monkeypatch, workers):
+    """The builder runs through deploy/genai_run.py, whose k_quant works on row chunks (bounded memory, threads);
+    codes, scales and zero points must be exactly onnxruntime's own whole-tensor result."""
+    import numpy as np
+
+    wo = pytest.importorskip("onnxruntime.quantization.neural_compressor.weight_only")
+    from edgepack.deploy import genai_run
+
+    monkeypatch.setattr(genai_run, "CHUNK_GROUPS", 40)  # 7 rows of 192 per chunk: uneven last chunk
+    monkeypatch.setattr(wo, "quant_tensor_k_quant_cpu", wo.quant_tensor_k_quant_cpu)  # restored after the test
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((192, 50)) * 0.02).astype(np.float32)
+    for bits in (4, 8):
+        ref = wo.quant_tensor_k_quant_cpu(w.T, bits, 32)
+        got = genai_run.chunked_k_quant(wo.quant_tensor_k_quant_cpu, workers)(w.T, bits, 32)
+        np.testing.assert_array_equal(got[0], ref[0].astype(np.uint8))  # the caller's cast, done per chunk
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_array_equal(got[2], ref[2])
+    assert genai_run.patch_k_quant() and wo.quant_tensor_k_quant_cpu.__name__ == "run"
+    assert not genai_run.patch_k_quant()  # never wrapped twice

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("edgepack.cli.run:run_cmd", "Run a recipe of stages (resumable; --dry-run prints the plan)."),
     "demo": ("edgepack.cli.run:demo_cmd", "Run the embedded demo recipe end to end (offline)."),
     "quantize": ("edgepack.cli.quantize:quantize_cmd", "Quantize weights (int8/int4/nf4/fp8, onnx or torch) with measured quality."),
-    "export": ("edgepack.cli.deploy:export_group", "Export a model: 'export onnx' (decoder with KV cache, validated)."),
+    "export": ("edgepack.cli.deploy:export_group", "Export a model: 'export onnx' (decoder with KV cache, validated), 'export gguf' (llama.cpp)."),
     "compile": ("edgepack.cli.deploy:compile_cmd", "Compile for a target: runtime + precision from its profile."),
     "generate": ("edgepack.cli.deploy:generate_cmd", "Generate text from any runnable artifact, with its speed."),
     "bundle": ("edgepack.cli.ship:bundle_cmd", "Package an artifact for one target: a verified device bundle."),

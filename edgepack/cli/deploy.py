@@ -11,6 +11,7 @@ import click
 from edgepack.cli.common import config_from, config_option, force_opt, json_opt, open_model, report_artifact, trust_opt
 from edgepack.deploy.compile import CompileConfig
 from edgepack.deploy.generation import GenerationConfig
+from edgepack.deploy.gguf_export import GgufConfig
 from edgepack.deploy.onnx_export import ExportConfig
 from edgepack.output import emit_json, fmt_bytes, print_table
 
@@ -45,6 +46,37 @@ def export_onnx_cmd(model, output, target_name, force, trust_pickle, as_json, **
     check_output_dir(Path(output), force, [model])  # before loading any weights
     art = export_onnx(open_model(model, trust_pickle), cfg, target, Path(output), force=force)
     report_artifact(art, as_json)
+
+
+@export_group.command("gguf")
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output artifact directory (model.gguf inside).")
+@config_option(GgufConfig, "type", help="Float checkpoints: GGUF type of the linears (auto = f16); a torch-quant "
+                                        "artifact writes its own codes (Q4_0 / Q4_1 / Q8_0, else the nearest type).")
+@config_option(GgufConfig, "head_type", help="GGUF type of the embedding and lm_head.")
+@force_opt
+@trust_opt
+@json_opt
+def export_gguf_cmd(model, output, force, trust_pickle, as_json, **settings):
+    """Write MODEL (a torch-quant artifact from `quantize --format torch`, or a float checkpoint) as GGUF for
+    llama.cpp, read back and compared tensor by tensor with the weights it was made from."""
+    from edgepack.artifact import check_output_dir, open_artifact
+    from edgepack.deploy.gguf_export import export_gguf
+
+    cfg = config_from(GgufConfig, settings, "export gguf")
+    check_output_dir(Path(output), force)
+    art = export_gguf(open_artifact(model, trust_pickle=trust_pickle), cfg, None, Path(output), force=force)
+    m = art.history[-1]["metrics"]
+    if as_json:
+        emit_json({"path": str(art.path), "format": art.format, "extra": art.extra, "metrics": m})
+        return
+    rows = [[t, str(n)] for t, n in sorted(m["tensor_types"].items())]
+    print_table(f"export gguf: wrote {art.path / art.extra['gguf_file']} ({fmt_bytes(m['bytes'])}, {m['arch']}, "
+                f"mostly {m['file_type']})", ["GGUF type", "tensors"], rows,
+                caption=f"read back: {m['tensors_checked']} tensors, worst {m['max_err_steps']} quantization steps "
+                        "from our codes (fp16 scale rounding)")
+    for source, n in sorted(m["sources"].items()):
+        click.echo(f"{n:4d} tensors: {source}")
 
 
 @click.command("compile")
