@@ -80,7 +80,7 @@ def test_refuses_models_with_a_decoder_matrix_as_wide_as_the_vocabulary():
     from edgepack.deploy.genai_builder import check_genai
     from edgepack.errors import UnsupportedOnTarget
 
-    cfg = {"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 8, "num_key_value_heads": 4,
+    cfg = {"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 8, "num_key_value_heads": 4, "num_hidden_layers": 2,
            "vocab_size": 512}
     check_genai(cfg, "int4")  # fine: no width equals 512
     with pytest.raises(UnsupportedOnTarget, match="intermediate_size"):
