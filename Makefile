@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/edgepack demo
+	EDGEPACK_INVOKED_AS="make demo" $(BIN)/edgepack demo
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -114,6 +114,7 @@ def demo_cmd(workdir, as_json):
                                  show_speed=False)
             sample_file.write_text(json.dumps({"bundle": str(bundle), "text": text,
                                                "reports": [p for w in reports for p in w]}, indent=1) + "\n")
-    rerun = "make demo" if os.environ.get("MAKELEVEL") else "edgepack demo"
+    # the Makefile's demo target says so (MAKELEVEL alone would also name make under `make test`)
+    rerun = os.environ.get("EDGEPACK_INVOKED_AS") or "edgepack demo"
     click.echo(f"\nNext: open {reports[0][0]}; 'edgepack push {bundle} HOST' ships a bundle; a re-run of "
                f"'{rerun}' does no work.")
