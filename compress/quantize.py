@@ -25,6 +25,7 @@ from pathlib import Path
 
 from edgepack.artifact import Artifact, ArtifactWriter, check_output_dir, stage_record
 from edgepack.compress.quant_methods import METHODS, quantize_weights_
+from edgepack.compress.quant_qdq import qdq_target
 from edgepack.errors import ArtifactError, ConfigError, UnsupportedOnTarget, ValidationFailed, did_you_mean
 
 FORMATS = ("onnx", "torch")
@@ -121,8 +122,9 @@ def resolve_method(cfg: QuantizeConfig, target) -> tuple[QuantizeConfig, str]:
         return cfg, ""
     skipped = []
     # On CUDA targets the quantized weights run through the torch path (torch-cuda kernels): the ONNX MatMulNBits
-    # operator is onnxruntime's, and TensorRT builds float engines from ONNX
-    fmt0 = cfg.format or ("torch" if target is not None and target.has_cuda else None)
+    # operator is onnxruntime's ...
+    # ... except where TensorRT builds on the device (Jetson): there the ONNX carries the codes as Q/DQ
+    fmt0 = cfg.format or ("torch" if target is not None and target.has_cuda and not qdq_target(target) else None)
     for m in AUTO_ORDER:
         spec, c = METHODS[m], replace(cfg, method=m, format=fmt0)
         fmt = resolve_format(c, target)
@@ -165,6 +167,10 @@ def check_legal(cfg: QuantizeConfig, target) -> str:
         if not any(target.supports(runtime=r) for r in runtimes):
             raise UnsupportedOnTarget(f"target '{target.name}' runs none of {', '.join(runtimes)} (the {fmt} path)",
                                       f"its runtimes: {', '.join(target.runtimes)}")
+    if fmt == "onnx" and qdq_target(target):
+        from edgepack.compress.quant_qdq import qdq_config
+
+        qdq_config(cfg, target)
     needs = [spec.requires] if spec.requires else []
     if fmt == "onnx":
         needs += [("onnx", "onnx"), ("onnxruntime", "onnx")]
@@ -197,6 +203,11 @@ def split_texts(cfg: QuantizeConfig) -> tuple[str, str, dict]:
 def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bool = False) -> Artifact:
     fmt = check_legal(cfg, target)
     cfg, choice = resolve_method(cfg, target)
+    qdq = fmt == "onnx" and qdq_target(target)
+    if qdq:  # TensorRT's explicit quantization: symmetric codes in DequantizeLinear (compress/quant_qdq.py)
+        from edgepack.compress.quant_qdq import qdq_config
+
+        cfg = qdq_config(cfg, target)
     check_output_dir(Path(out), force)
     if src.format != "hf":
         raise ArtifactError(f"quantize reads Hugging Face checkpoints; '{src.path}' is a '{src.format}' artifact",
@@ -222,7 +233,12 @@ def quantize(src: Artifact, cfg: QuantizeConfig, target, out: Path, *, force: bo
 
             calib = _calib_ids(cfg, tok, calib_text, model) if METHODS[cfg.method].calibrated else None
             n_calib = int(calib.numel()) if calib is not None else 0
-            details = write_onnx_quant(model, src, cfg, w.path, calib)
+            if qdq:
+                from edgepack.compress.quant_qdq import write_qdq_quant
+
+                details = write_qdq_quant(model, src, cfg, w.path, calib)
+            else:
+                details = write_onnx_quant(model, src, cfg, w.path, calib)
             out_format, extra = details.pop("format"), details.pop("extra")
         else:
             details = _write_torch(model, src, cfg, tok, calib_text, w.path)

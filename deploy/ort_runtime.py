@@ -25,6 +25,9 @@ _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 DEFAULT_MAX_LENGTH = 4096  # tokens the pre-allocated cache holds when the model's own limit is larger or unknown
 
 
+QDQ_ACCURACY_LEVEL = "1"  # onnxruntime's compute type for DequantizeLinear -> MatMul it fuses: fp32
+
+
 def default_threads() -> int:
     """Physical cores: onnxruntime's matmuls do not gain from SMT siblings, and contend with them."""
     try:
@@ -56,6 +59,10 @@ class OrtRuntime:
         so.intra_op_num_threads = threads or default_threads()
         so.inter_op_num_threads = 1  # a decoder is one chain of ops: parallelism is inside the matmuls
         so.log_severity_level = 3  # errors only
+        # onnxruntime fuses DequantizeLinear -> MatMul (the TensorRT Q/DQ graphs) into MatMulNBits, by default with
+        # int8 activations (accuracy level 4): 45 dB from the weights' own product on stories260K. TensorRT runs
+        # them W4A16 / W8A16, so measure them with float activations (level 1: fp32 compute).
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", QDQ_ACCURACY_LEVEL)
         self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
         self.threads, self.device, self.extra = so.intra_op_num_threads, device, extra
         ins = {i.name: i for i in self.session.get_inputs()}

@@ -1,0 +1,117 @@
+"""Jetson INT4 / INT8 through TensorRT's explicit quantization (issue 14): our symmetric codes as DequantizeLinear
+weights (compress/quant_qdq.py), the fp16 graph with RMSNorm / softmax kept fp32 (deploy/onnx_fp16.py), and the
+exact shipped file checked on onnxruntime against the PyTorch model (logits, perplexity, size)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgepack.artifact import open_artifact
+from edgepack.errors import ConfigError
+from edgepack.targets import load_target
+
+ORIN = load_target("jetson-orin-nano-8gb")
+
+
+def _run_dq_matmul(qw, x: np.ndarray) -> np.ndarray:
+    """x @ W^T through DequantizeLinear -> (Pad) -> MatMul exactly as pack_qdq writes it, on onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgepack.compress.quant_qdq import QDQ_OPSET, qdq_weight
+    from edgepack.deploy.ort_runtime import QDQ_ACCURACY_LEVEL
+
+    inits, attrs, k_pad = qdq_weight("w", qw)
+    nodes = [helper.make_node("DequantizeLinear", [inits[0].name, inits[1].name], ["wd"], **attrs)]
+    a = "x"
+    if k_pad != qw.in_features:
+        pads = helper.make_tensor("pads", TensorProto.INT64, [2], [0, k_pad - qw.in_features])
+        axes = helper.make_tensor("axes", TensorProto.INT64, [1], [-1])
+        inits += [pads, axes]
+        nodes.append(helper.make_node("Pad", ["x", "pads", "", "axes"], ["xp"]))
+        a = "xp"
+    nodes.append(helper.make_node("MatMul", [a, "wd"], ["y"]))
+    n = qw.scales.shape[0]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", QDQ_OPSET)])
+    onnx.checker.check_model(model)
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", QDQ_ACCURACY_LEVEL)  # fp32 compute
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("bits,k,group", [(4, 172, 32), (4, 256, 128), (8, 172, 172)])
+def test_dequantize_linear_runs_exactly_our_codes(bits, k, group):
+    """The signed INT4 / INT8 initializers, blocked scales and the activation Pad reproduce the torch dequantized
+    weight (QuantizedWeight.dequantize, what the quantize stage measured) to float rounding."""
+    import torch
+
+    from edgepack.compress import quant_algos as qa
+
+    torch.manual_seed(0)
+    w = torch.randn(48, k)
+    qw = qa.rtn(w, bits, group, symmetric=True, clip_search=True)
+    assert int(qw.codes.min()) >= 0 and (bits == 8 or int(qw.codes.max()) <= 15)
+    x = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
+    want = x @ qw.dequantize().numpy().T
+    got = _run_dq_matmul(qw, x)
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_qdq_refuses_zero_points_and_block_sizes_tensorrt_lacks():
+    import torch
+
+    from edgepack.compress import quant_algos as qa
+    from edgepack.compress.quant_qdq import qdq_config, qdq_target, qdq_weight
+    from edgepack.compress.quantize import QuantizeConfig
+    from edgepack.errors import ValidationFailed
+
+    assert qdq_target(ORIN) and not qdq_target(load_target("h100-sxm")) and not qdq_target(load_target("cpu-x86-64"))
+    with pytest.raises(ValidationFailed, match="zero points"):
+        qdq_weight("w", qa.rtn(torch.randn(8, 64), 4, 32, symmetric=False))
+    with pytest.raises(ConfigError, match="block size of 32, 64, 128, not 16"):
+        qdq_config(QuantizeConfig(method="int4-gptq", group_size=16), ORIN)
+    with pytest.raises(ConfigError, match="no TensorRT"):
+        qdq_config(QuantizeConfig(method="int4-hqq"), ORIN)
+    assert qdq_config(QuantizeConfig(method="int4-gptq", symmetric=False), ORIN).symmetric
+
+
+def test_rmsnorm_statistics_stay_fp32_in_the_fp16_graph(tmp_path):
+    """Activations past ~256 overflow x^2 in fp16 (max 65504). With embeddings scaled so the residual stream
+    reaches ~1000, the fp16 graph must still follow the fp32 one: RMSNorm's Pow / ReduceMean / Add / Sqrt /
+    Reciprocal / Mul and Softmax run in fp32 inside it."""
+    import onnx
+    import torch
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from edgepack.deploy.compile import CompileConfig, compile_stage
+    from edgepack.hf import copy_tokenizer
+    from edgepack.sources import embedded_path
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1)).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20000.0)  # init std 0.02 -> ~400, tails past 1000
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    copy_tokenizer(embedded_path("stories260K"), tmp_path / "m")
+    art = compile_stage(open_artifact(tmp_path / "m"), CompileConfig(precision="fp16", exporter="torchscript",
+                                                                      max_context=64), ORIN, tmp_path / "o")
+    m = art.history[-1]["metrics"]
+    assert m["fp16_greedy_agreement"] >= 0.9 and np.isfinite(m["fp16_max_abs_logit_diff"])
+    assert art.extra["fp32_nodes"]["rmsnorm"] == 3 and art.extra["fp32_nodes"]["softmax"] == 1  # 2 norms a layer + final
+    g = onnx.load(str(art.path / "model.onnx")).graph
+    producers = {o: n for n in g.node for o in n.output}
+    pows = [n for n in g.node if n.op_type == "Pow"]
+    assert len(pows) == 3
+    order = {n.name: i for i, n in enumerate(g.node)}
+    for n in pows + [n for n in g.node if n.op_type == "Softmax"]:
+        src = producers[n.input[0]]
+        to = {a.name: a.i for a in src.attribute}.get("to")
+        assert src.op_type == "Cast" and to == onnx.TensorProto.FLOAT, n.name
+    for n in g.node:  # still topologically sorted (TensorRT's parser reads nodes in order)
+        assert all(order[producers[i].name] < order[n.name] for i in n.input if i in producers), n.name
