@@ -21,6 +21,7 @@ from pathlib import Path
 
 from edgepack.deploy import trt_spec
 from edgepack.errors import ArtifactError, MissingDependency, UnsupportedOnTarget, ValidationFailed
+from edgepack.targets.fit import BUILD_WEIGHT_COPIES
 
 MEMINFO = Path("/proc/meminfo")
 
@@ -137,7 +138,7 @@ def check_memory(spec: dict, available: int | None) -> None:
         raise UnsupportedOnTarget(
             f"only {available / 2**20:.0f} MiB of memory is available (MemAvailable) and the engine build needs about "
             f"{need / 2**20:.0f} MiB (workspace {spec['workspace_bytes'] / 2**20:.0f} MiB + "
-            f"{trt_spec.BUILD_WEIGHT_COPIES} x the graph's {spec['engine_estimate_bytes'] / 2**20:.0f} MiB: parsed "
+            f"{BUILD_WEIGHT_COPIES} x the graph's {spec['engine_estimate_bytes'] / 2**20:.0f} MiB: parsed "
             "network, builder copies, plan)",
             "stop other services (serve, desktop), or lower workspace_bytes in trt_build.json")
 

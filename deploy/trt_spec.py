@@ -10,7 +10,8 @@ Two optimization profiles, because prefill and decode want different kernels:
 Batch runs 1..max_batch in both. The workspace (TensorRT's scratch memory pool, bytes) is sized from the target's
 usable memory, because on Jetson the builder shares DRAM with the OS: a quarter of what is left after the engine,
 capped at 4 GiB (more does not speed up the tactic search for decoder layers of this size). `build_memory_bytes`
-is what the pre-build check asks MemAvailable for: workspace + BUILD_WEIGHT_COPIES x the graph's bytes.
+is what the pre-build check asks MemAvailable for: workspace + 3 x the graph's bytes (targets/fit.py, which counts
+the same for `edgepack fit --runtime tensorrt`).
 The network is strongly typed: the ONNX graph's types decide every layer's precision (no precision flags).
 """
 
@@ -27,16 +28,12 @@ from edgepack.errors import ArtifactError, ConfigError
 SPEC_FILE = "trt_build.json"
 SPEC_SCHEMA = 2  # 2: strongly typed (no precision builder flags), build memory estimate
 TIMING_CACHE = "timing.cache"
-WORKSPACE_CAP = 4 * 1024**3  # bytes
 MIB = 1024**2
 # Precisions of the ONNX graph a strongly typed network builds: the graph carries them (fp16 tensors, INT4 / INT8
 # DequantizeLinear weights), so no builder flag names a precision. TensorRT 11 removed weak typing
 # (BuilderFlag.FP16 / BF16 / INT8 / INT4 are gone); strongly typed networks build the same on 10.x and 11.x.
 TRT_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 MIN_TRT_MAJOR = 10  # strongly typed networks and INT4 blocked DequantizeLinear: TensorRT 10 (JetPack 6.1+)
-# Build memory (bytes) besides the workspace, as multiples of the graph's weight bytes: the parsed network holds the
-# weights, the builder its own (device-side, on Jetson the same DRAM) copies, and the serialized plan a third copy.
-BUILD_WEIGHT_COPIES = 3
 
 
 def onnx_digest(onnx_path: Path) -> str:
@@ -82,12 +79,13 @@ def build_spec(extra: dict, target, precision: str, *, onnx_sha256: str, engine_
         else:
             raise ArtifactError(f"the ONNX model has an input '{name}' the TensorRT build spec does not know",
                                 "export it with 'edgepack export onnx' (decoder with KV cache)")
-    usable = int(target.usable_memory_bytes)
-    workspace = max(256 * MIB, min(WORKSPACE_CAP, (usable - engine_bytes) // 4)) // MIB * MIB
+    from edgepack.targets.fit import trt_build_bytes, trt_workspace_bytes
+
+    workspace = trt_workspace_bytes(engine_bytes, target)
     return {"schema": SPEC_SCHEMA, "onnx": extra.get("onnx_file", "model.onnx"), "onnx_sha256": onnx_sha256,
             "precision": precision, "strongly_typed": True, "io_dtype": extra.get("dtype", "float32"),
             "workspace_bytes": int(workspace), "engine_estimate_bytes": int(engine_bytes),
-            "build_memory_bytes": int(workspace + BUILD_WEIGHT_COPIES * engine_bytes),
+            "build_memory_bytes": trt_build_bytes(engine_bytes, target),
             "timing_cache": TIMING_CACHE, "max_batch": max_batch, "max_context": max_context,
             "profiles": [{"name": "prefill", "shapes": prefill}, {"name": "decode", "shapes": decode}],
             "target": target.name, "sm": target.sm, "engine_build": target.engine_build}

@@ -316,7 +316,7 @@ def test_build_spec_profiles_workspace_and_trtexec_line(tmp_path):
                                                         "max": [1, 2, 0, 16]}
     assert dec["shapes"]["past_key_values.0.key"]["max"] == [1, 2, 511, 16]
     assert dec["shapes"]["input_ids"]["max"] == [1, 1] and pre["shapes"]["input_ids"]["max"] == [1, 512]
-    expect = min(trt_spec.WORKSPACE_CAP, (ORIN.usable_memory_bytes - 300 * 2**20) // 4) // 2**20 * 2**20
+    expect = min(4 * 2**30, (ORIN.usable_memory_bytes - 300 * 2**20) // 4) // 2**20 * 2**20
     assert spec["workspace_bytes"] == expect and spec["strongly_typed"] and "flags" not in spec
     assert spec["build_memory_bytes"] == expect + 3 * 300 * 2**20  # workspace + parsed weights, builder copy, plan
     line = trt_spec.trtexec_command(spec, tmp_path / "model.onnx", tmp_path / "e.engine", tmp_path / "t.cache")
