@@ -115,3 +115,61 @@ def test_rmsnorm_statistics_stay_fp32_in_the_fp16_graph(tmp_path):
         assert src.op_type == "Cast" and to == onnx.TensorProto.FLOAT, n.name
     for n in g.node:  # still topologically sorted (TensorRT's parser reads nodes in order)
         assert all(order[producers[i].name] < order[n.name] for i in n.input if i in producers), n.name
+
+
+# ------------------------------------------------------------------------------------------ the shipped graphs
+@pytest.fixture(scope="module")
+def shipped(stories, tmp_path_factory):
+    from edgepack.deploy.compile import CompileConfig, compile_stage
+
+    d = tmp_path_factory.mktemp("jetson-qdq")
+    return {p: compile_stage(open_artifact(stories), CompileConfig(precision=p, int4_method="int4-gptq", group_size=32,
+                                                                   exporter="torchscript", max_context=256), ORIN, d / p)
+            for p in ("int4", "int8")}
+
+
+def _dq_layers(path):
+    import onnx
+
+    model = onnx.load(str(path / "model.onnx"))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    dq = [n for n in g.node if n.op_type == "DequantizeLinear"]
+    return model, g, inits, dq
+
+
+@pytest.mark.slow  # GPTQ + export + fp16 conversion + onnxruntime perplexity of stories260K, twice (~2 min)
+def test_jetson_int4_and_int8_graphs_are_what_tensorrt_takes_and_were_measured(shipped):
+    """Default Jetson compile = INT4 (W4A16): blocked signed INT4 DequantizeLinear (block 32, no zero point) into
+    every decoder linear, opset 21, fp16 everywhere else; INT8 per output channel. The exact shipped file, run on
+    onnxruntime, against the PyTorch fp32 model: perplexity (edgepack-ppl-v1), logit SQNR, argmax agreement; and the
+    quantized weights' bytes against their fp16 size."""
+    import math
+
+    import onnx
+
+    from edgepack.deploy import trt_spec
+
+    for prec, art in shipped.items():
+        model, g, inits, dq = _dq_layers(art.path)
+        m = art.history[-1]["metrics"]
+        assert art.extra["precision"] == prec and art.extra["quantization"]["scheme"] == "qdq"
+        assert art.extra["quantization"]["symmetric"] and trt_spec.read_spec(art.path)["precision"] == prec
+        assert len(dq) == 35 and not [n for n in g.node if n.op_type == "MatMulNBits"]
+        assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 21
+        want = onnx.TensorProto.INT4 if prec == "int4" else onnx.TensorProto.INT8
+        for n in dq:
+            attrs = {a.name: a.i for a in n.attribute}
+            assert len(n.input) == 2 and inits[n.input[0]].data_type == want  # no zero point
+            assert inits[n.input[1]].data_type == onnx.TensorProto.FLOAT16
+            assert attrs == ({"axis": 0, "block_size": 32} if prec == "int4" else {"axis": 1})
+        q_bytes = sum(inits[n.input[i]].ByteSize() for n in dq for i in (0, 1))
+        fp16_bytes = sum(2 * math.prod(inits[n.input[0]].dims) for n in dq)
+        assert m["shipped_vs"] == "the PyTorch fp32 model" and m["ppl_protocol"]["name"] == "edgepack-ppl-v1"
+        if prec == "int4":
+            assert len([n for n in g.node if n.op_type == "Pad"]) == 5  # down_proj: 172 = 5 x 32 + 12
+            assert q_bytes <= 0.35 * fp16_bytes
+            assert m["ppl_increase_pct"] < 10.0 and m["shipped_sqnr_db"] > 20 and m["shipped_argmax_agreement"] > 0.7
+        else:
+            assert q_bytes <= 0.55 * fp16_bytes
+            assert abs(m["ppl_increase_pct"]) < 0.5 and m["shipped_sqnr_db"] > 40 and m["shipped_argmax_agreement"] > 0.95
