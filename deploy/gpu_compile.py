@@ -8,7 +8,8 @@
                (format `torch-cuda`, deploy/cuda_weights.py: the measured codes, packed for stock torch's kernels:
                int4 tinygemm, int8 weight-only, fp8 W8A8 on sm_89+), checked here as far as a CPU can and loaded
                on the GPU without a 16-bit copy; their quality is measured here on the kernels' exact weights.
-               tensorrt: fp16 (default), bf16 or fp32 (Q/DQ int8 / int4 graphs are not made by this build).
+               tensorrt (strongly typed, the graph carries the precision): fp16 or fp32; where the engine is built
+               on the device (Jetson) also int4 (the default) and int8, our codes as Q/DQ (compress/quant_qdq.py).
                Every choice is checked against the target's list before any weights load.
 
 Nothing is timed unless a CUDA device of the target's SM is present: the manifest says so (`measured_on`).

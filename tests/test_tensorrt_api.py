@@ -90,3 +90,14 @@ def test_every_tensorrt_name_the_code_uses_exists(version):
     assert seen > 25  # the parser really read the build and runtime code
     assert not dynamic, "dynamic TensorRT lookups cannot be checked against the API listings:\n" + "\n".join(dynamic)
     assert not missing, f"not in TensorRT {version}:\n" + "\n".join(missing)
+
+
+def test_tensorrt_older_than_10_is_refused_naming_the_jetpack_upgrade():
+    from edgepack.deploy.tensorrt_build import check_trt_version
+    from edgepack.errors import UnsupportedOnTarget
+
+    with pytest.raises(UnsupportedOnTarget, match=r"TensorRT 8\.6\.2 is too old.*JetPack 6\.0 ships") as e:
+        check_trt_version("8.6.2")  # JetPack 6.0 GA
+    assert "JetPack 6.1 or later" in e.value.hint
+    for ok in VERSIONS:
+        check_trt_version(ok)
