@@ -112,6 +112,7 @@ def pack_qdq(onnx_path: Path, digests: dict, qweights: dict) -> dict:
     from onnx import helper, numpy_helper
 
     from edgepack.compress.quant_onnx import swap_matmuls
+    from edgepack.deploy.onnx_export import save_onnx
 
     padded = []
 
@@ -135,7 +136,7 @@ def pack_qdq(onnx_path: Path, digests: dict, qweights: dict) -> dict:
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx") and op.version < QDQ_OPSET:
             op.version = QDQ_OPSET
-    onnx.save(model, str(onnx_path))
+    save_onnx(model, onnx_path)  # a 1.5B model's fp32 embeddings alone pass protobuf's 2 GiB: external data
     qw0 = next(iter(qweights.values()))
     kind = (f"INT4 symmetric, blocks of {qw0.group_size} along K" if qw0.bits == 4
             else "INT8 symmetric, per output channel")

@@ -144,6 +144,17 @@ def export_decoder(model, dst_dir: Path, cfg: ExportConfig) -> dict:
             "opset": cfg.opset if cfg.exporter == "dynamo" else min(cfg.opset, 20), "precision": "fp32"}
 
 
+def save_onnx(model, path: Path) -> None:
+    """Save a ModelProto as one file, or with its weights in one EXTERNAL_DATA_FILE beside it when they pass
+    EXTERNAL_DATA_THRESHOLD (protobuf caps a file at 2 GiB)."""
+    import onnx
+
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    kw = ({"save_as_external_data": True, "all_tensors_to_one_file": True, "location": EXTERNAL_DATA_FILE,
+           "size_threshold": 1024} if large else {})
+    onnx.save_model(model, str(path), **kw)
+
+
 def _consolidate_external_data(d: Path, large: bool) -> None:
     """One model.onnx (+ one model.onnx.data when large), whatever side files the exporter chose to write."""
     import onnx

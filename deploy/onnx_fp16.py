@@ -25,16 +25,13 @@ def convert_fp16(src_dir: Path, dst_dir: Path, extra: dict, check: bool = True) 
     `check` False: the caller validates the written graph itself (check_shipped)."""
     onnx = require("onnx", "onnx", "fp16 conversion")
     f16 = require("onnxruntime.transformers.float16", "onnx", "fp16 conversion (onnxruntime's float16 converter)")
-    from edgepack.deploy.onnx_export import EXTERNAL_DATA_FILE, EXTERNAL_DATA_THRESHOLD
+    from edgepack.deploy.onnx_export import save_onnx
 
     name = extra.get("onnx_file", "model.onnx")
     model = onnx.load(str(Path(src_dir) / name), load_external_data=True)
     model = f16.convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
     keep = keep_fp32_(model.graph)
-    large = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-    kw = ({"save_as_external_data": True, "all_tensors_to_one_file": True, "location": EXTERNAL_DATA_FILE,
-           "size_threshold": 1024} if large else {})
-    onnx.save_model(model, str(Path(dst_dir) / name), **kw)
+    save_onnx(model, Path(dst_dir) / name)
     new = {**extra, "dtype": "float16", "kv_dtype": "float16", "precision": extra.get("precision", "fp32"),
            "made_by": f"{extra.get('made_by', 'torch.onnx')} + onnxruntime float16 converter",
            "fp32_nodes": keep}
