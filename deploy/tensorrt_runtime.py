@@ -71,9 +71,10 @@ class TensorRTRuntime:
             return
         n = batch * self.kv_heads * self.max_context * self.head_dim
         kv_dt = self.dtypes[self.past[0]]
-        self._bufs = [[torch.empty(n, dtype=kv_dt, device=self.device) for _ in self.past] for _ in range(2)]
-        self._ones = torch.ones(batch * self.max_context, dtype=self.dtypes.get("attention_mask", torch.int64),
-                                device=self.device)
+        with torch.cuda.stream(self.stream):  # the fill of the mask is a kernel: on the stream that reads it
+            self._bufs = [[torch.empty(n, dtype=kv_dt, device=self.device) for _ in self.past] for _ in range(2)]
+            self._ones = torch.ones(batch * self.max_context, dtype=self.dtypes.get("attention_mask", torch.int64),
+                                    device=self.device)
         self._batch = batch
 
     def _run(self, ids) -> object:
