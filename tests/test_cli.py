@@ -125,7 +125,7 @@ def test_demo_runs_offline_then_does_no_work(tmp_path):
     assert "stories260K" in first.stdout and "ppl" in first.stdout and "PREDICTED" in first.stdout
     assert "Once upon a time" in first.output and "onnxruntime int4" in first.output  # text from the CPU bundle
     again = last_json(run("demo", "--workdir", tmp_path / "demo", "--json"))
-    assert {s["status"] for s in again["steps"]} == {"cached", "skipped"}
+    assert {s["status"] for s in again["steps"]} == {"cached"}  # Jetson quantizes too (INT4 Q/DQ), nothing skipped
     assert {(s["kind"], s["target"]) for s in again["steps"] if s["kind"] == "bundle"} == {
         ("bundle", t) for t in ("a100-80gb", "h100-sxm", "jetson-orin-nano-8gb", "cpu-x86-64")}
     assert all(Path(p).is_file() for p in again["reports"]) and again["cpu_bundle"].endswith("bundle")
