@@ -212,7 +212,7 @@ def test_auto_quantize_method_and_hardware_presence_per_target():
         picks[name] = (cfg.method, check_legal(cfg, t))
         assert why.startswith(f"auto for target {name}: {cfg.method}")
     assert picks == {"h100-sxm": ("fp8", "torch"), "a100-80gb": ("int4-gptq", "torch"),
-                     "jetson-orin-nano-8gb": ("int4-gptq", "onnx"), "cpu-x86-64": ("int4-gptq", "onnx")}
+                     "jetson-orin-nano-8gb": ("int4-gptq-kd", "onnx"), "cpu-x86-64": ("int4-gptq", "onnx")}
     import torch
 
     if not torch.cuda.is_available():
