@@ -139,7 +139,9 @@ def int8_dynamic(onnx_path: Path, digests: dict) -> dict:
 def swap_matmuls(model, digests: dict, qweights: dict, what: str, make) -> int:
     """Replace each quantized linear's MatMul (found by the content of its weight) with the nodes that
     `make(node, name, qw, w)` returns as (initializers, nodes); drop the float weights no longer read and the
-    dynamo exporter's per-node debug metadata (stack traces: 2/3 of stories260K's file). Returns the count."""
+    dynamo exporter's per-node debug metadata (strip_debug_info). Returns the count."""
+    from edgepack.deploy.onnx_export import strip_debug_info
+
     graph = model.graph
     pairs = matmul_weights(graph)
     consumers: dict[str, int] = {}
@@ -163,13 +165,12 @@ def swap_matmuls(model, digests: dict, qweights: dict, what: str, make) -> int:
     if replaced != len(qweights):
         raise ValidationFailed(f"put {replaced} of {len(qweights)} quantized layers into {what}",
                                "the exporter changed the weight layout; report this as a bug")
-    for node in new_nodes:
-        del node.metadata_props[:]
     del graph.node[:]
     graph.node.extend(new_nodes)
     keep = [i for i in graph.initializer if i.name not in dead]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    strip_debug_info(model)
     return replaced
 
 

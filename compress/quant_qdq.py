@@ -40,7 +40,7 @@ def write_qdq_quant(model, src, cfg, dst: Path, calib) -> dict:
     qweights = quantize_weights_(model, cfg, calib, info)  # int8: per output channel, symmetric
     digests = linear_digests(model)
     extra = export_fp32(model, src.path, dst, cfg.exporter)
-    details = pack_qdq(dst / extra.get("onnx_file", "model.onnx"), digests, qweights) | info
+    details = pack_qdq(dst / extra.get("onnx_file", "model.onnx"), digests, qweights, cfg.quantize_embeddings) | info
     extra["opset"] = max(int(extra.get("opset", 0)), QDQ_OPSET)
     return onnx_quant_result(cfg, extra, details, {"scheme": SCHEME})
 
@@ -105,8 +105,69 @@ def qdq_weight(name: str, qw) -> tuple[list, dict, int]:
     return [w, s], {"axis": 1}, k_pad
 
 
-def pack_qdq(onnx_path: Path, digests: dict, qweights: dict) -> dict:
-    """Replace the B initializer of each quantized linear's MatMul with DequantizeLinear(int codes, scales)."""
+def int8_rows(name: str, w, axis: int) -> tuple[list, dict]:
+    """Symmetric round-to-nearest INT8 of a float [R, C] table, one scale per slice along `axis` (0: per row,
+    1: per column): (initializers codes + scales, DequantizeLinear attributes)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    w = np.asarray(w, dtype=np.float32)
+    amax = np.abs(w).max(axis=1 - axis)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    shaped = scale[:, None] if axis == 0 else scale[None, :]
+    codes = np.clip(np.rint(w / shaped), -127, 127).astype(np.int8)
+    return [numpy_helper.from_array(codes, f"{name}.int8"), numpy_helper.from_array(scale, f"{name}.scale")], {"axis": axis}
+
+
+def quantize_embeddings_(model) -> dict:
+    """INT8 the token embedding (per row: DequantizeLinear -> Gather, a constant weight TensorRT dequantizes) and
+    lm_head (per output channel: DequantizeLinear -> MatMul) of a decoder graph in place; the float tables are
+    dropped when nothing else reads them. Returns what was quantized and the tables' relative rms error."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from edgepack.compress.quant_onnx import matmul_weights
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+    if len(gathers) != 1:
+        raise ValidationFailed(f"found {len(gathers)} Gather nodes on a 2-D constant table, expected the one token "
+                               "embedding", "compile with quantize_embeddings = false, and report the model")
+    emb, table = gathers[0], inits[gathers[0].input[0]]
+    vocab = table.dims[0]
+    heads = [(n, b, w) for n, b, w in matmul_weights(graph) if w.shape[1] == vocab]
+    done, errs, new_inits, before = [], {}, [], {}
+    for what, node, _b, w, axis, slot in (
+            [("embed_tokens", emb, table.name, numpy_helper.to_array(table), 0, 0)]
+            + [("lm_head", n, b, w, 1, 1) for n, b, w in heads[:1]]):
+        qinit, attrs = int8_rows(what, w, axis)
+        deq = qinit[0].name[:-len(".int8")] + ".dq"
+        before[id(node)] = helper.make_node("DequantizeLinear", [qinit[0].name, qinit[1].name], [deq],
+                                            name=f"{what}.DequantizeLinear", **attrs)
+        node.input[slot] = deq
+        new_inits += qinit
+        back = numpy_helper.to_array(qinit[0]).astype(np.float32) * (
+            numpy_helper.to_array(qinit[1])[:, None] if axis == 0 else numpy_helper.to_array(qinit[1])[None, :])
+        errs[what] = round(float(np.sqrt(((back - w) ** 2).mean() / max((w ** 2).mean(), 1e-30))), 6)
+        done.append(f"{what} INT8 per {'row' if axis == 0 else 'output channel'}")
+    nodes = []
+    for n in graph.node:
+        if id(n) in before:
+            nodes.append(before[id(n)])
+        nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    read = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in read] + new_inits
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return {"embeddings_quantized": done, "embeddings_rel_rms_error": errs}
+
+
+def pack_qdq(onnx_path: Path, digests: dict, qweights: dict, embeddings: bool = False) -> dict:
+    """Replace the B initializer of each quantized linear's MatMul with DequantizeLinear(int codes, scales); with
+    `embeddings` also the token embedding and lm_head (quantize_embeddings_)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -133,6 +194,7 @@ def pack_qdq(onnx_path: Path, digests: dict, qweights: dict) -> dict:
 
     model = onnx.load(str(onnx_path))
     replaced = swap_matmuls(model, digests, qweights, "DequantizeLinear nodes", make)
+    emb = quantize_embeddings_(model) if embeddings else {"embeddings_quantized": []}
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx") and op.version < QDQ_OPSET:
             op.version = QDQ_OPSET
@@ -140,6 +202,6 @@ def pack_qdq(onnx_path: Path, digests: dict, qweights: dict) -> dict:
     qw0 = next(iter(qweights.values()))
     kind = (f"INT4 symmetric, blocks of {qw0.group_size} along K" if qw0.bits == 4
             else "INT8 symmetric, per output channel")
-    return {"layers_quantized": replaced, "padded_layers": len(padded),
+    return {"layers_quantized": replaced, "padded_layers": len(padded), **emb,
             "scheme": f"TensorRT explicit quantization: DequantizeLinear ({kind}, no zero point) -> MatMul, "
                       f"opset {QDQ_OPSET}"}

@@ -49,6 +49,9 @@ class QuantizeConfig:
     format: str | None = field(default=None, metadata={"choices": ("onnx", "torch")})
     group_size: int = 32  # input channels per scale for int4 (power of two >= 16); int8 and fp8 are per channel
     symmetric: bool = False  # int4 only: symmetric grid (no zero points) instead of asymmetric min/max
+    # TensorRT Q/DQ graphs (Jetson): also the token embedding (INT8 per row, DequantizeLinear -> Gather) and lm_head
+    # (INT8 per output channel), by round-to-nearest; False keeps them fp16 (compress/quant_qdq.py)
+    quantize_embeddings: bool = True
     accuracy_level: int = 4  # ONNX MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fast on CPU)
     calib: str = field(default="", metadata={"path": True})  # calibration text (UTF-8); "" = embedded TinyStories sample
     calib_fraction: float = 0.9  # when calibration and evaluation read one file: the leading share used to calibrate

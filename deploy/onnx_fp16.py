@@ -25,20 +25,54 @@ def convert_fp16(src_dir: Path, dst_dir: Path, extra: dict, check: bool = True) 
     `check` False: the caller validates the written graph itself (check_shipped)."""
     onnx = require("onnx", "onnx", "fp16 conversion")
     f16 = require("onnxruntime.transformers.float16", "onnx", "fp16 conversion (onnxruntime's float16 converter)")
-    from edgepack.deploy.onnx_export import save_onnx
+    from edgepack.deploy.onnx_export import save_onnx, strip_debug_info
 
     name = extra.get("onnx_file", "model.onnx")
     model = onnx.load(str(Path(src_dir) / name), load_external_data=True)
+    stripped = strip_debug_info(model)  # shipped fp16 and Q/DQ graphs alike: weights and structure only
+    logits_positions_input_(model)
     model = f16.convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
     keep = keep_fp32_(model.graph)
     save_onnx(model, Path(dst_dir) / name)
     new = {**extra, "dtype": "float16", "kv_dtype": "float16", "precision": extra.get("precision", "fp32"),
            "made_by": f"{extra.get('made_by', 'torch.onnx')} + onnxruntime float16 converter",
-           "fp32_nodes": keep}
+           "fp32_nodes": keep, "debug_info_bytes_stripped": stripped,
+           "inputs": [*extra.get("inputs", []), LOGITS_POSITIONS]}
     if new["precision"] == "fp32":
         new["precision"] = "fp16"
     new["fp16_check"] = check_fp16(Path(src_dir), extra, Path(dst_dir), new) if check else {}
     return new
+
+
+# int64 [n] graph input: the positions of this call's tokens that get logits (lm_head runs on those rows only).
+# Generation passes [T - 1] (prefill allocates and computes [B, 1, V], not the whole prompt's [B, T, V]);
+# perplexity passes 0..T-1 and gets every position from the same file.
+LOGITS_POSITIONS = "logits_positions"
+
+
+def logits_positions_input_(model) -> None:
+    """Gather(hidden, logits_positions, axis=1) in front of lm_head (the MatMul that writes 'logits'), in place."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    out = next((o for o in graph.output if o.name == "logits"), None)
+    head = next((n for n in graph.node if "logits" in n.output), None)
+    if out is None or head is None or head.op_type != "MatMul":
+        raise ValidationFailed("the decoder graph has no lm_head MatMul writing 'logits'",
+                               "export it with 'edgepack export onnx', and report the model")
+    picked = f"{head.input[0]}.at_positions"
+    gather = helper.make_node("Gather", [head.input[0], LOGITS_POSITIONS], [picked], name="logits_positions.Gather",
+                              axis=1)
+    head.input[0] = picked
+    nodes = list(graph.node)
+    nodes.insert(nodes.index(head), gather)  # topological order kept (TensorRT's parser reads nodes in order)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input.append(helper.make_tensor_value_info(LOGITS_POSITIONS, TensorProto.INT64, ["logits_len"]))
+    dims = out.type.tensor_type.shape.dim
+    if len(dims) == 3:
+        dims[1].ClearField("dim_value")
+        dims[1].dim_param = "logits_len"
 
 
 # Op types kept in fp32 wherever they occur: softmax sums exp() over the whole context.

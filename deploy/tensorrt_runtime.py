@@ -77,10 +77,13 @@ class TensorRTRuntime:
                                     device=self.device)
         self._batch = batch
 
-    def _run(self, ids) -> object:
+    def _run(self, ids, every: bool = False) -> object:
+        """One engine call; logits of the last position only (the graph's logits_positions input), or of every
+        position when `every` (perplexity)."""
         import torch
 
         b, t = ids.shape
+        n = t if every or "logits_positions" not in self.inputs else 1
         past = self._past_len
         if past + t > self.max_context:
             raise ConfigError(f"{past + t} positions exceed the engine's max_context {self.max_context}",
@@ -100,7 +103,10 @@ class TensorRTRuntime:
             if "position_ids" in self.inputs:
                 pos = torch.arange(past, past + t, device=self.device, dtype=self.dtypes["position_ids"])
                 feeds["position_ids"] = pos.expand(b, t).contiguous()
-            logits = torch.empty((b, t, self.vocab), dtype=self.dtypes["logits"], device=self.device)
+            if "logits_positions" in self.inputs:
+                feeds["logits_positions"] = torch.arange(t - n, t, device=self.device,
+                                                         dtype=self.dtypes["logits_positions"])
+            logits = torch.empty((b, n, self.vocab), dtype=self.dtypes["logits"], device=self.device)
         shapes = {name: tuple(x.shape) for name, x in feeds.items()}
         src, dst = self._bufs[self._cur], self._bufs[1 - self._cur]
         shapes.update({name: (b, self.kv_heads, past, self.head_dim) for name in self.past})
@@ -118,7 +124,7 @@ class TensorRTRuntime:
             raise ArtifactError("TensorRT execution failed (see its log)", "rebuild the engine: edgepack device prepare")
         self.stream.synchronize()
         self._cur, self._past_len = 1 - self._cur, past + t
-        return logits  # [B, T, V] in the engine's output dtype
+        return logits  # [B, 1 or T, V] in the engine's output dtype
 
     # ------------------------------------------------------------------------------------------ Runtime API
     def reset(self) -> None:
@@ -145,7 +151,7 @@ class TensorRTRuntime:
         x = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
         self._ensure(x.shape[0])
         self.reset()
-        out = self._run(x).float().cpu().numpy()
+        out = self._run(x, every=True).float().cpu().numpy()
         self.reset()
         return out
 

@@ -71,6 +71,9 @@ def build_spec(extra: dict, target, precision: str, *, onnx_sha256: str, engine_
         elif name == "attention_mask":  # past + seq positions
             prefill[name] = {"min": [1, 1], "opt": [1, opt_prompt], "max": [max_batch, max_context]}
             decode[name] = {"min": [1, 1], "opt": [1, opt_past + 1], "max": [max_batch, max_context]}
+        elif name == "logits_positions":  # the positions that get logits: the last one, or all (perplexity)
+            prefill[name] = {"min": [1], "opt": [1], "max": [max_context]}
+            decode[name] = {"min": [1], "opt": [1], "max": [1]}
         elif name.startswith("past_key_values."):
             prefill[name] = {"min": _shape(1, extra, past=0), "opt": _shape(1, extra, past=0),
                              "max": _shape(max_batch, extra, past=0)}

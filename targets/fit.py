@@ -195,6 +195,8 @@ def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048,
     # Embedding table and lm_head stay at activation precision for weight-only formats (they are gathered / tiny
     # share of compute, and quantizing them costs the most quality).
     other = act if quantized else _WEIGHT_BYTES[precision]
+    if runtime == "tensorrt" and quantized:  # Jetson Q/DQ graphs (quantize_embeddings): INT8 per row + fp16 scale
+        other = _WEIGHT_BYTES["int8"] + 2.0 / s.hidden
     weights = s.block_linear_params * wb + (s.embedding_params + s.lm_head_params) * other + s.norm_params * act
     weights += s.block_linear_rows * _RUNTIME_SCALE_BYTES_PER_ROW.get((runtime, precision), 0.0)
     kv = 2 * s.layers * s.kv_heads * s.head_dim * context * batch * act
@@ -209,9 +211,8 @@ def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048,
         overhead = ORT_CPU_FIXED_BYTES + ORT_CPU_BYTES_PER_PARAM * s.total_params + kv  # + kv: the second buffer
     else:
         overhead = RUNTIME_OVERHEAD_BYTES[target.device_type]
-    if trt:  # deploy/tensorrt_runtime.py: ping-pong KV buffers (a second cache), logits for the whole prompt
+    if trt:  # deploy/tensorrt_runtime.py: ping-pong KV buffers (a second cache); logits of the last position only
         overhead += kv
-        logits = batch * context * s.vocab * act
     workspace = prefill + logits + scores + overhead
     required = int(weights + kv + workspace)
     read_per_step = (s.active_block_linear_params * wb + s.lm_head_params * other

@@ -155,8 +155,20 @@ def test_jetson_int4_and_int8_graphs_are_what_tensorrt_takes_and_were_measured(s
         m = art.history[-1]["metrics"]
         assert art.extra["precision"] == prec and art.extra["quantization"]["scheme"] == "qdq"
         assert art.extra["quantization"]["symmetric"] and trt_spec.read_spec(art.path)["precision"] == prec
-        assert len(dq) == 35 and not [n for n in g.node if n.op_type == "MatMulNBits"]
+        assert len(dq) == 37 and not [n for n in g.node if n.op_type == "MatMulNBits"]
         assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 21
+        # quantize_embeddings (default): token table INT8 per row into the Gather, lm_head INT8 per output channel
+        table = [n for n in dq if n.name.startswith("embed_tokens.")]
+        head = [n for n in dq if n.name.startswith("lm_head.")]
+        assert len(table) == 1 and len(head) == 1
+        assert {a.name: a.i for a in table[0].attribute} == {"axis": 0}
+        assert {a.name: a.i for a in head[0].attribute} == {"axis": 1}
+        assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in table + head)
+        assert [n.op_type for n in g.node if table[0].output[0] in n.input] == ["Gather"]
+        assert not [i for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT16 and len(i.dims) == 2 and 512 in i.dims]
+        assert art.history[-2]["metrics"]["embeddings_quantized"] == ["embed_tokens INT8 per row",
+                                                                      "lm_head INT8 per output channel"]
+        dq = [n for n in dq if n not in table + head]
         want = onnx.TensorProto.INT4 if prec == "int4" else onnx.TensorProto.INT8
         for n in dq:
             attrs = {a.name: a.i for a in n.attribute}
@@ -173,3 +185,102 @@ def test_jetson_int4_and_int8_graphs_are_what_tensorrt_takes_and_were_measured(s
         else:
             assert q_bytes <= 0.55 * fp16_bytes
             assert abs(m["ppl_increase_pct"]) < 0.5 and m["shipped_sqnr_db"] > 40 and m["shipped_argmax_agreement"] > 0.95
+
+
+def _embed_head_graph(tmp_path, vocab=40, hidden=16):
+    """Gather(token table) -> MatMul(lm_head [H, V]) with per-node debug metadata, as the exporters write it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    head = rng.standard_normal((hidden, vocab)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["h"], name="emb"),
+             helper.make_node("MatMul", ["h", "head"], ["logits"], name="lm_head", doc_string="trace")]
+    for n in nodes:
+        n.metadata_props.add(key="pkg.torch.onnx.stack_trace", value="x" * 500)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "T"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "T", vocab])],
+                              [numpy_helper.from_array(table, "embed"), numpy_helper.from_array(head, "head")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    return model, table, head
+
+
+def test_embedding_and_lm_head_go_int8_through_dequantize_linear(tmp_path):
+    """quantize_embeddings: the token table as INT8 per row (DequantizeLinear -> Gather), lm_head INT8 per output
+    channel (DequantizeLinear -> MatMul), float tables dropped, logits within INT8 rounding on onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgepack.compress.quant_qdq import quantize_embeddings_
+
+    model, table, head = _embed_head_graph(tmp_path)
+    info = quantize_embeddings_(model)
+    onnx.checker.check_model(model)
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    assert set(inits) == {"embed_tokens.int8", "embed_tokens.scale", "lm_head.int8", "lm_head.scale"}
+    dq = {n.name: n for n in g.node if n.op_type == "DequantizeLinear"}
+    assert {a.name: a.i for a in dq["embed_tokens.DequantizeLinear"].attribute} == {"axis": 0}
+    assert {a.name: a.i for a in dq["lm_head.DequantizeLinear"].attribute} == {"axis": 1}
+    assert all(inits[f"{w}.int8"].data_type == onnx.TensorProto.INT8 for w in ("embed_tokens", "lm_head"))
+    assert list(inits["embed_tokens.scale"].dims) == [40] and list(inits["lm_head.scale"].dims) == [40]
+    assert info["embeddings_quantized"] == ["embed_tokens INT8 per row", "lm_head INT8 per output channel"]
+    assert 0 < info["embeddings_rel_rms_error"]["embed_tokens"] < 0.01
+    ids = np.array([[3, 7, 39, 0]], dtype=np.int64)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids})[0]
+    want = table[ids] @ head
+    assert 0 < np.abs(got - want).max() < 0.02 * np.abs(want).max()
+
+
+def test_shipped_graphs_carry_no_debug_metadata(tmp_path):
+    """The fp16 conversion (every shipped Jetson graph: fp16 and Q/DQ alike) drops per-node debug metadata and
+    doc strings, so file sizes compare weights and structure only."""
+    import onnx
+
+    from edgepack.deploy.onnx_fp16 import convert_fp16
+
+    _embed_head_graph(tmp_path)
+    (tmp_path / "out").mkdir()
+    extra = convert_fp16(tmp_path, tmp_path / "out", {"onnx_file": "model.onnx"}, check=False)
+    assert extra["debug_info_bytes_stripped"] > 1000
+    g = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    assert all(not n.metadata_props and not n.doc_string for n in g.node)
+
+
+def test_jetson_graph_gives_logits_of_the_positions_asked_for(tmp_path):
+    """Issue 14's runtime point: prefill must not allocate the whole prompt's logits. The Jetson graph takes
+    `logits_positions` (a Gather in front of lm_head): generation asks for the last position ([B, 1, V]),
+    perplexity for all of them from the same file; the TensorRT profiles carry it (prefill 1..max_context, decode 1)."""
+    import onnxruntime as ort
+    import torch
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from edgepack.deploy import trt_spec
+    from edgepack.deploy.compile import CompileConfig, compile_stage
+    from edgepack.deploy.ort_runtime import OrtRuntime
+    from edgepack.hf import copy_tokenizer
+    from edgepack.sources import embedded_path
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1)).eval().save_pretrained(tmp_path / "m")
+    copy_tokenizer(embedded_path("stories260K"), tmp_path / "m")
+    art = compile_stage(open_artifact(tmp_path / "m"), CompileConfig(precision="fp16", exporter="torchscript",
+                                                                      max_context=64), ORIN, tmp_path / "o")
+    assert "logits_positions" in art.extra["inputs"]
+    sess = ort.InferenceSession(str(art.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert "logits_positions" in [i.name for i in sess.get_inputs()]
+    ids = np.array([[1, 5, 9, 30, 7, 2]], dtype=np.int64)
+    rt = OrtRuntime(art.path, art.extra)
+    every = rt.forward_logits(ids)
+    assert every.shape == (1, 6, art.extra["vocab_size"])
+    last = rt.prefill(ids)
+    assert rt._decode_logits.shape == (1, 1, art.extra["vocab_size"])  # the buffer prefill wrote: one position
+    assert np.abs(last - every[:, -1]).max() < 1e-2
+    step = rt.decode_step(np.array([[11]]))
+    assert np.abs(step - rt.forward_logits(np.append(ids, [[11]], 1))[:, -1]).max() < 5e-2
+    prof = {p["name"]: p["shapes"]["logits_positions"] for p in trt_spec.read_spec(art.path)["profiles"]}
+    assert prof["prefill"]["max"] == [64] and prof["decode"] == {"min": [1], "opt": [1], "max": [1]}
