@@ -137,6 +137,16 @@ def quantize_embeddings_(model) -> dict:
     emb, table = gathers[0], inits[gathers[0].input[0]]
     vocab = table.dims[0]
     heads = [(n, b, w) for n, b, w in matmul_weights(graph) if w.shape[1] == vocab]
+    dead = set()  # the dynamo export's tied lm_head: MatMul(h, Transpose(table [V, H])); ship the [H, V] INT8 instead
+    producers = {o: n for n in graph.node for o in n.output}
+    for n in graph.node:
+        t = producers.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) > 1 else None
+        if (not heads and t is not None and t.op_type == "Transpose" and t.input[0] in inits
+                and [list(a.ints) for a in t.attribute if a.name == "perm"] in ([[1, 0]], [])
+                and list(inits[t.input[0]].dims)[0] == vocab):
+            heads.append((n, t.input[0], numpy_helper.to_array(inits[t.input[0]]).T))
+            if sum(t.output[0] in m.input for m in graph.node) == 1:
+                dead.add(id(t))
     done, errs, new_inits, before = [], {}, [], {}
     for what, node, _b, w, axis, slot in (
             [("embed_tokens", emb, table.name, numpy_helper.to_array(table), 0, 0)]
@@ -153,6 +163,8 @@ def quantize_embeddings_(model) -> dict:
         done.append(f"{what} INT8 per {'row' if axis == 0 else 'output channel'}")
     nodes = []
     for n in graph.node:
+        if id(n) in dead:
+            continue
         if id(n) in before:
             nodes.append(before[id(n)])
         nodes.append(n)
