@@ -26,7 +26,7 @@ from edgepack.errors import ValidationFailed, require
 MS_DOMAIN = "com.microsoft"
 
 
-def _digest(arr) -> str:
+def weight_digest(arr) -> str:
     import numpy as np
 
     return hashlib.sha256(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
@@ -36,7 +36,7 @@ def linear_digests(model) -> dict[str, str]:
     """{sha256 of W^T as float32 bytes: linear name} for every quantizable linear, as the exporter will store it."""
     from edgepack.compress.quant_algos import quantizable_linears
 
-    return {_digest(m.weight.detach().float().T.numpy()): name for name, m in quantizable_linears(model).items()}
+    return {weight_digest(m.weight.detach().float().T.numpy()): name for name, m in quantizable_linears(model).items()}
 
 
 def matmul_weights(graph) -> list[tuple[object, str, object]]:
@@ -83,9 +83,14 @@ def write_onnx_quant(model, src, cfg, dst: Path, calib) -> dict:
         extra = export_fp32(model, src.path, dst, cfg.exporter)
         details = pack_matmul_nbits(dst / extra.get("onnx_file", "model.onnx"), digests, qweights, cfg.accuracy_level)
         details |= info
+    return onnx_quant_result(cfg, extra, details, {"accuracy_level": cfg.accuracy_level, "scheme": "nbits"})
+
+
+def onnx_quant_result(cfg, extra: dict, details: dict, more: dict) -> dict:
+    """What write_onnx_quant (and quant_qdq.write_qdq_quant) return: metrics plus 'format' and 'extra'."""
     precision = "int8" if cfg.method == "int8" else "int4"
     quant = {"method": cfg.method, "group_size": cfg.group_size if precision == "int4" else 0,
-             "symmetric": cfg.symmetric or precision == "int8", "accuracy_level": cfg.accuracy_level,
+             "symmetric": cfg.symmetric or precision == "int8", **more,
              "kept_fp32": ["embed_tokens (Gather)", "lm_head (MatMul)"]}
     return {"format": "onnx", "extra": {**extra, "precision": precision, "quantization": quant}, **details}
 
@@ -107,7 +112,7 @@ def int8_per_channel_(model) -> dict:
 
 
 def _unmatched(pairs, digests) -> list[str]:
-    return [node.name for node, _, w in pairs if _digest(w) not in digests]
+    return [node.name for node, _, w in pairs if weight_digest(w) not in digests]
 
 
 def int8_dynamic(onnx_path: Path, digests: dict) -> dict:
@@ -117,7 +122,7 @@ def int8_dynamic(onnx_path: Path, digests: dict) -> dict:
 
     graph = onnx.load(str(onnx_path)).graph
     pairs = matmul_weights(graph)
-    matched = [node.name for node, _, w in pairs if _digest(w) in digests]
+    matched = [node.name for node, _, w in pairs if weight_digest(w) in digests]
     if len(matched) != len(digests):
         raise ValidationFailed(f"found {len(matched)} of the model's {len(digests)} linear layers in the ONNX graph",
                                "the exporter changed the weight layout; report this as a bug")
@@ -131,14 +136,12 @@ def int8_dynamic(onnx_path: Path, digests: dict) -> dict:
             "int8 activations per tensor at run time (MatMulInteger)"}
 
 
-def pack_matmul_nbits(onnx_path: Path, digests: dict, qweights: dict, accuracy_level: int) -> dict:
-    """Replace each quantized linear's MatMul with a MatMulNBits holding exactly our codes, scales and zeros."""
-    import onnx
-    from onnx import helper, numpy_helper
+def swap_matmuls(model, digests: dict, qweights: dict, what: str, make) -> int:
+    """Replace each quantized linear's MatMul (found by the content of its weight) with the nodes that
+    `make(node, name, qw, w)` returns as (initializers, nodes); drop the float weights no longer read and the
+    dynamo exporter's per-node debug metadata (strip_debug_info). Returns the count."""
+    from edgepack.deploy.onnx_export import strip_debug_info
 
-    from edgepack.compress.quant_torch import pack_codes
-
-    model = onnx.load(str(onnx_path))
     graph = model.graph
     pairs = matmul_weights(graph)
     consumers: dict[str, int] = {}
@@ -149,12 +152,37 @@ def pack_matmul_nbits(onnx_path: Path, digests: dict, qweights: dict, accuracy_l
     new_nodes = []
     for node in graph.node:
         hit = next(((b, w) for n, b, w in pairs if n is node), None)
-        name = digests.get(_digest(hit[1])) if hit is not None else None
+        name = digests.get(weight_digest(hit[1])) if hit is not None else None
         if name is None:
             new_nodes.append(node)
             continue
-        qw = qweights[name]
-        k, n = hit[1].shape
+        inits, nodes = make(node, name, qweights[name], hit[1])
+        graph.initializer.extend(inits)
+        new_nodes += nodes
+        if consumers.get(hit[0], 0) == 1:
+            dead.add(hit[0])
+        replaced += 1
+    if replaced != len(qweights):
+        raise ValidationFailed(f"put {replaced} of {len(qweights)} quantized layers into {what}",
+                               "the exporter changed the weight layout; report this as a bug")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    keep = [i for i in graph.initializer if i.name not in dead]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    strip_debug_info(model)
+    return replaced
+
+
+def pack_matmul_nbits(onnx_path: Path, digests: dict, qweights: dict, accuracy_level: int) -> dict:
+    """Replace each quantized linear's MatMul with a MatMulNBits holding exactly our codes, scales and zeros."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from edgepack.compress.quant_torch import pack_codes
+
+    def make(node, name, qw, w):
+        k, n = w.shape
         blocks, bits = qw.scales.shape[1], qw.bits
         b_arr = pack_codes(qw.codes, bits).numpy().reshape(n, blocks, qw.group_size * bits // 8)
         base = f"{name}.q{bits}"
@@ -176,25 +204,15 @@ def pack_matmul_nbits(onnx_path: Path, digests: dict, qweights: dict, accuracy_l
                 zp = zeros.numpy().astype("float32").reshape(-1)
             inits.append(numpy_helper.from_array(zp, base + ".zero_points"))
             inputs.append(base + ".zero_points")
-        graph.initializer.extend(inits)
-        new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=(node.name or base) + f"_Q{bits}",
-                                          domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=qw.group_size,
-                                          accuracy_level=accuracy_level))
-        if consumers.get(hit[0], 0) == 1:
-            dead.add(hit[0])
-        replaced += 1
-    if replaced != len(qweights):
-        raise ValidationFailed(f"packed {replaced} of {len(qweights)} quantized layers into MatMulNBits",
-                               "the exporter changed the weight layout; report this as a bug")
-    for node in new_nodes:  # the dynamo exporter's per-node debug metadata (stack traces): 2/3 of stories260K's file
-        del node.metadata_props[:]
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    keep = [i for i in graph.initializer if i.name not in dead]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+        return inits, [helper.make_node("MatMulNBits", inputs, list(node.output), name=(node.name or base) + f"_Q{bits}",
+                                        domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=qw.group_size,
+                                        accuracy_level=accuracy_level)]
+
+    model = onnx.load(str(onnx_path))
+    replaced = swap_matmuls(model, digests, qweights, "MatMulNBits", make)
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     onnx.save(model, str(onnx_path))
-    return {"layers_quantized": replaced, "scheme": f"MatMulNBits {bits}-bit, block {next(iter(qweights.values())).group_size}, "
+    qw0 = next(iter(qweights.values()))
+    return {"layers_quantized": replaced, "scheme": f"MatMulNBits {qw0.bits}-bit, block {qw0.group_size}, "
             f"accuracy_level {accuracy_level}"}

@@ -8,7 +8,8 @@
                (format `torch-cuda`, deploy/cuda_weights.py: the measured codes, packed for stock torch's kernels:
                int4 tinygemm, int8 weight-only, fp8 W8A8 on sm_89+), checked here as far as a CPU can and loaded
                on the GPU without a 16-bit copy; their quality is measured here on the kernels' exact weights.
-               tensorrt: fp16 (default), bf16 or fp32 (Q/DQ int8 / int4 graphs are not made by this build).
+               tensorrt (strongly typed, the graph carries the precision): fp16 or fp32; where the engine is built
+               on the device (Jetson) also int4 (the default) and int8, our codes as Q/DQ (compress/quant_qdq.py).
                Every choice is checked against the target's list before any weights load.
 
 Nothing is timed unless a CUDA device of the target's SM is present: the manifest says so (`measured_on`).
@@ -28,7 +29,9 @@ from edgepack.facts import read_model_config
 from edgepack.targets.profile import local_cuda_sm
 
 TORCH_CUDA_PRECISIONS = ("bf16", "fp16", "fp32", "int8", "int4", "fp8")
-TRT_PRECISIONS = ("fp16", "bf16", "fp32")
+TRT_PRECISIONS = ("fp16", "fp32")  # float graphs (strongly typed: the graph carries the type; deploy/trt_spec.py)
+# TensorRT built on the device (Jetson): also our int4 / int8 codes as Q/DQ (compress/quant_qdq.py), int4 first
+TRT_QDQ_PRECISIONS = ("int4", "int8")
 DEFAULT_MAX_CONTEXT = 4096  # tokens: the static cache is allocated in full, so do not default to 128k contexts
 
 
@@ -61,13 +64,26 @@ def choose_gpu_path(cfg, target, src_precision: str | None) -> dict | None:
     if runtime == "torch-cuda" and src_precision is not None:
         raise ConfigError("torch-cuda runs Hugging Face checkpoints; the source is an ONNX artifact",
                           "compile the model directory, or pass --runtime tensorrt to build from the ONNX")
-    legal = [p for p in (TORCH_CUDA_PRECISIONS if runtime == "torch-cuda" else TRT_PRECISIONS)
-             if target.supports(precision=p)]
+    from edgepack.compress.quant_qdq import qdq_target
+
+    trt = (*TRT_QDQ_PRECISIONS, *TRT_PRECISIONS) if qdq_target(target) else TRT_PRECISIONS
+    legal = [p for p in (TORCH_CUDA_PRECISIONS if runtime == "torch-cuda" else trt) if target.supports(precision=p)]
     if not legal:
         raise UnsupportedOnTarget(f"target '{target.name}' lists no precision the {runtime} compile makes",
                                   f"its precisions: {', '.join(target.precisions)}")
-    precision = cfg.precision or ("bf16" if "bf16" in legal and runtime == "torch-cuda" else
-                                  "fp16" if "fp16" in legal else legal[0])
+    if runtime == "tensorrt" and src_precision is not None and (
+            src_precision in TRT_QDQ_PRECISIONS or cfg.precision in TRT_QDQ_PRECISIONS):
+        if cfg.precision not in (None, src_precision):  # a Q/DQ graph from the quantize stage compiles as it is
+            raise ConfigError(f"the source ONNX artifact is {src_precision}; compile cannot re-quantize it to "
+                              f"{cfg.precision}", "compile the Hugging Face checkpoint instead")
+        precision = src_precision
+    elif runtime == "tensorrt" and src_precision is not None:
+        precision = cfg.precision or ("fp16" if "fp16" in legal else legal[0])
+    elif runtime == "tensorrt" and legal[0] in TRT_QDQ_PRECISIONS:
+        precision = cfg.precision or legal[0]  # Jetson: int4 weights by default (W4A16)
+    else:
+        precision = cfg.precision or ("bf16" if "bf16" in legal and runtime == "torch-cuda" else
+                                      "fp16" if "fp16" in legal else legal[0])
     if precision not in legal:
         raise UnsupportedOnTarget(f"{precision} is not legal for {runtime} on target '{target.name}'",
                                   f"legal precisions there: {', '.join(legal)}")
@@ -201,29 +217,49 @@ def measure_torch_cuda(art_dir: Path, extra: dict, tokens: int) -> dict:
             "measured_tokens": int(res.tokens.shape[1])}
 
 
-def _tensorrt(src, cfg, path, target, out, force, t0, work: Path) -> Artifact:
-    from edgepack.deploy import trt_spec
+def _tensorrt_source(src, cfg, path, target, work: Path):
+    """The ONNX the TensorRT artifact is made from: the source ONNX as it is, our int4 / int8 codes as a Q/DQ graph
+    (the quantize stage, compress/quant_qdq.py), or the fp32 export."""
     from edgepack.deploy.onnx_export import ExportConfig, export_onnx
-    from edgepack.hf import copy_tokenizer
 
     if src.format == "onnx":
-        base = src
-    else:
-        base = export_onnx(src, ExportConfig(exporter=cfg.exporter), None, work / "export", threads=cfg.threads)
+        return src
+    if path["precision"] in TRT_QDQ_PRECISIONS:
+        from edgepack.config import build_config
+        from edgepack.stages import get_stage
+
+        spec = get_stage("quantize")
+        method = cfg.int4_method if path["precision"] == "int4" else "int8"
+        qcfg = build_config(spec.config_class(), {"method": method, "format": "onnx", "group_size": cfg.group_size,
+                                                  "exporter": cfg.exporter}, "compile -> quantize")
+        return spec.function()(src, qcfg, target, work / "quantize")
+    return export_onnx(src, ExportConfig(exporter=cfg.exporter), None, work / "export", threads=cfg.threads)
+
+
+def _tensorrt(src, cfg, path, target, out, force, t0, work: Path) -> Artifact:
+    from edgepack.deploy import trt_spec
+    from edgepack.hf import copy_tokenizer
+
+    base = _tensorrt_source(src, cfg, path, target, work)
     made = dict(base.extra)
-    if made.get("precision", "fp32") not in ("fp32", "fp16"):
-        raise ConfigError(f"the ONNX source is {made.get('precision')} (onnxruntime's quantized operators), which "
-                          "TensorRT does not build", "compile the Hugging Face checkpoint instead")
+    scheme = (made.get("quantization") or {}).get("scheme")
+    if made.get("precision", "fp32") not in ("fp32", "fp16") and scheme != "qdq":
+        raise ConfigError(f"the ONNX source is {made.get('precision')} in onnxruntime's MatMulNBits operators, "
+                          "which TensorRT does not build", "quantize for the Jetson target (Q/DQ graph), or "
+                          "compile the Hugging Face checkpoint instead")
     with ArtifactWriter(out, force=force, inputs=[src.path]) as w:
         metrics = {}
-        if path["precision"] == "fp16" and made.get("dtype", "float32") == "float32":
+        qdq = path["precision"] in TRT_QDQ_PRECISIONS
+        if (path["precision"] == "fp16" or qdq) and made.get("dtype", "float32") == "float32":
             from edgepack.deploy.onnx_fp16 import convert_fp16
 
-            made = convert_fp16(base.path, w.path, made)
+            made = convert_fp16(base.path, w.path, made, check=not qdq)
             metrics.update(made.pop("fp16_check"))
             copy_tokenizer(base.path, w.path)
             if (base.path / "config.json").is_file():
                 (w.path / "config.json").write_bytes((base.path / "config.json").read_bytes())
+            if qdq:  # the exact file shipped, on onnxruntime, against the PyTorch model (or the fp32 Q/DQ graph)
+                metrics.update(_check_qdq(src, base, w.path, made))
         else:
             link_files(base, w.path)
         onnx_path = w.path / made.get("onnx_file", "model.onnx")
@@ -251,3 +287,19 @@ def _tensorrt(src, cfg, path, target, out, force, t0, work: Path) -> Artifact:
                                       "device prepare' on the GPU machine, or the trtexec line it prints")
         rec = _record(src, cfg, path, target, metrics, t0)
         return w.commit(format="onnx", record=rec, parent=base, base_model=src.base_model, extra=extra)
+
+
+def _check_qdq(src, base, ship_dir: Path, extra: dict) -> dict:
+    from edgepack.deploy.onnx_fp16 import check_shipped
+
+    if src.format == "hf":
+        from edgepack.hf import load_model
+        from edgepack.quality import hf_logits_fn
+
+        return check_shipped(ship_dir, extra, hf_logits_fn(load_model(src, device="cpu")), "the PyTorch fp32 model",
+                             ship_dir)
+    from edgepack.deploy.ort_runtime import OrtRuntime
+
+    return check_shipped(ship_dir, extra, OrtRuntime(base.path, base.extra).forward_logits,
+                         "the fp32 Q/DQ graph it was made from", ship_dir)
+

@@ -24,6 +24,9 @@ _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 DEFAULT_MAX_LENGTH = 4096  # tokens the pre-allocated cache holds when the model's own limit is larger or unknown
 
 
+QDQ_ACCURACY_LEVEL = "1"  # onnxruntime's compute type for DequantizeLinear -> MatMul it fuses: fp32
+
+
 class OrtRuntime:
     name = "onnxruntime"
 
@@ -46,6 +49,10 @@ class OrtRuntime:
         so.intra_op_num_threads, self.threads_why = choose_threads(threads)
         so.inter_op_num_threads = 1  # a decoder is one chain of ops: parallelism is inside the matmuls
         so.log_severity_level = 3  # errors only
+        # onnxruntime fuses DequantizeLinear -> MatMul (the TensorRT Q/DQ graphs) into MatMulNBits, by default with
+        # int8 activations (accuracy level 4): 45 dB from the weights' own product on stories260K. TensorRT runs
+        # them W4A16 / W8A16, so measure them with float activations (level 1: fp32 compute).
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", QDQ_ACCURACY_LEVEL)
         self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
         self.threads, self.device, self.extra = so.intra_op_num_threads, device, extra
         ins = {i.name: i for i in self.session.get_inputs()}
@@ -56,6 +63,7 @@ class OrtRuntime:
             raise ArtifactError(f"'{onnx_path}' does not have the decoder-with-cache inputs edgepack expects "
                                 "(input_ids, past_key_values.N.key/value)", "re-export it with 'edgepack export onnx'")
         self.has_mask, self.has_positions = "attention_mask" in ins, "position_ids" in ins
+        self.last_only = "logits_positions" in ins  # Jetson graphs: logits of the chosen positions only
         self.kv_dtype = _NP_DTYPES.get(ins[self.past_names[0]].type, np.float32)
         # fp16 graphs (the Jetson / TensorRT export) return fp16 logits: bind buffers of the graph's own type
         outs = {o.name: o for o in self.session.get_outputs()}
@@ -88,7 +96,7 @@ class OrtRuntime:
     def forward_logits(self, ids: np.ndarray) -> np.ndarray:
         """[B, T] -> [B, T, V] with an empty cache; leaves the generation cache untouched."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        feeds = self._token_feeds(ids, 0)
+        feeds = self._token_feeds(ids, 0, every=True)
         empty = np.zeros((ids.shape[0], self.kv_heads, 0, self.head_dim), self.kv_dtype)
         feeds.update({n: empty for n in self.past_names})
         return self.session.run(["logits"], feeds)[0].astype(np.float32, copy=False)
@@ -108,9 +116,11 @@ class OrtRuntime:
                 "precision": self.extra.get("precision", "fp32"), "made_by": self.extra.get("made_by", "unknown")}
 
     # ------------------------------------------------------------------------------------------ internals
-    def _token_feeds(self, ids: np.ndarray, past_len: int) -> dict:
+    def _token_feeds(self, ids: np.ndarray, past_len: int, every: bool = False) -> dict:
         b, s = ids.shape
         feeds = {"input_ids": ids}
+        if self.last_only:  # every position for perplexity, else the last one (all generation reads)
+            feeds["logits_positions"] = np.arange(0 if every else s - 1, s, dtype=np.int64)
         if self.has_mask:
             feeds["attention_mask"] = np.ones((b, past_len + s), np.int64)
         if self.has_positions:
@@ -150,7 +160,7 @@ class OrtRuntime:
         bind = self._binding
         for name, value in feeds.items():
             bind.bind_cpu_input(name, value)
-        logits = self._decode_logits if s == 1 else np.empty((b, s, self.vocab), self.logits_dtype)
+        logits = self._decode_logits if s == 1 or self.last_only else np.empty((b, s, self.vocab), self.logits_dtype)
         if self.share_buffer:
             bind.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
             self.session.run_with_iobinding(bind)

@@ -2,12 +2,12 @@
 keep it in an engine cache.
 
 Engines only run with the TensorRT version and on the GPU architecture that built them, so the cache file name is
-`trt<version>-sm<SM>-<16 hex of the ONNX digest>.engine`, with a JSON sidecar saying what built it. Loading an
+`trt<version>-sm<SM>-<module>-<16 hex of the ONNX digest>.engine` (module: SM count and memory of this device), with a JSON sidecar saying what built it. Loading an
 engine whose sidecar names another TensorRT version or SM is refused with the way out (`edgepack device prepare`),
 never attempted: deserializing a foreign plan fails deep inside TensorRT or, worse, runs the wrong kernels.
 
 On Jetson the builder shares DRAM with the OS: the build refuses to start when /proc/meminfo's MemAvailable is
-below the spec's workspace + engine estimate, and a thread samples MemAvailable during the build to record the
+below the spec's build memory (workspace + parsed weights, builder copies and plan), and a thread samples MemAvailable during the build to record the
 peak memory used (the figure to size `usable_memory_gib` against).
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from edgepack.deploy import trt_spec
 from edgepack.errors import ArtifactError, MissingDependency, UnsupportedOnTarget, ValidationFailed
+from edgepack.targets.fit import BUILD_WEIGHT_COPIES
 
 MEMINFO = Path("/proc/meminfo")
 
@@ -38,7 +39,21 @@ def require_tensorrt(spec: dict, onnx_path: Path, engine_path: Path):
         err = MissingDependency("tensorrt", "tensorrt", "building the TensorRT engine")
         err.hint = install_hint(spec, onnx_path, engine_path)
         raise err from None
+    check_trt_version(trt.__version__)
     return trt
+
+
+def check_trt_version(version: str) -> None:
+    """Strongly typed networks and INT4 blocked DequantizeLinear need TensorRT 10; JetPack 6.0 ships 8.6.2."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        major = 0
+    if major < trt_spec.MIN_TRT_MAJOR:
+        raise UnsupportedOnTarget(
+            f"TensorRT {version} is too old: edgepack builds strongly typed networks (INT4 / INT8 weights as "
+            f"DequantizeLinear), which need TensorRT {trt_spec.MIN_TRT_MAJOR} or later (JetPack 6.0 ships TensorRT "
+            "8.6.2)", "upgrade the device to JetPack 6.1 or later (TensorRT 10.3; JetPack 7 has TensorRT 10.x)")
 
 
 def local_sm() -> int:
@@ -56,13 +71,22 @@ def engine_paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
     return Path(cache_dir) / f"{key}.engine", Path(cache_dir) / f"{key}.json"
 
 
-def find_engine(cache_dir: Path, onnx_sha256: str, trt_version: str, sm: int) -> Path | None:
-    """The cached engine for this graph, TensorRT version and SM; None when there is none for this graph at all.
-    Raises UnsupportedOnTarget when engines for this graph exist but were built by another TensorRT or for
-    another GPU architecture."""
-    engine, meta = engine_paths(cache_dir, trt_spec.engine_key(trt_version, sm, onnx_sha256))
+def local_module() -> str:
+    """The device module as the engine cache key names it: SM count and memory, which tell apart the modules that
+    share an SM (Orin Nano 4GB / 8GB, Orin NX 8GB / 16GB, AGX Orin 32GB / 64GB)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.multi_processor_count}sms-{round(props.total_memory / 2**30)}gib"
+
+
+def find_engine(cache_dir: Path, onnx_sha256: str, trt_version: str, sm: int, module: str) -> Path | None:
+    """The cached engine for this graph, TensorRT version, SM and device module; None when there is none for this
+    graph at all. Raises UnsupportedOnTarget when engines for this graph exist but were built by another TensorRT,
+    for another GPU architecture or on another module."""
+    engine, meta = engine_paths(cache_dir, trt_spec.engine_key(trt_version, sm, onnx_sha256, module))
     if engine.is_file() and meta.is_file():
-        check_engine_meta(json.loads(meta.read_text()), trt_version, sm, onnx_sha256, engine)
+        check_engine_meta(json.loads(meta.read_text()), trt_version, sm, onnx_sha256, engine, module)
         return engine
     others = []
     for p in sorted(Path(cache_dir).glob("*.json")) if Path(cache_dir).is_dir() else []:
@@ -76,16 +100,17 @@ def find_engine(cache_dir: Path, onnx_sha256: str, trt_version: str, sm: int) ->
         m = others[0]
         raise UnsupportedOnTarget(
             f"the cached TensorRT engine in '{cache_dir}' was built with TensorRT {m.get('trt_version')} for "
-            f"sm_{m.get('sm')}; this machine has TensorRT {trt_version} and an sm_{sm} GPU, and engines only run "
-            "where they were built", "rebuild it here: edgepack device prepare BUNDLE")
+            f"sm_{m.get('sm')} ({m.get('module')}); this machine has TensorRT {trt_version} and an sm_{sm} GPU "
+            f"({module}), and engines only run where they were built", "rebuild it here: edgepack device prepare BUNDLE")
     return None
 
 
-def check_engine_meta(meta: dict, trt_version: str, sm: int, onnx_sha256: str, engine: Path) -> None:
-    if meta.get("trt_version") != trt_version or int(meta.get("sm", -1)) != sm:
+def check_engine_meta(meta: dict, trt_version: str, sm: int, onnx_sha256: str, engine: Path, module: str) -> None:
+    if meta.get("trt_version") != trt_version or int(meta.get("sm", -1)) != sm or meta.get("module") != module:
         raise UnsupportedOnTarget(
-            f"engine '{engine.name}' was built with TensorRT {meta.get('trt_version')} for sm_{meta.get('sm')}, but "
-            f"this machine has TensorRT {trt_version} and an sm_{sm} GPU", "rebuild it: edgepack device prepare BUNDLE")
+            f"engine '{engine.name}' was built with TensorRT {meta.get('trt_version')} for sm_{meta.get('sm')} "
+            f"({meta.get('module')}), but this machine has TensorRT {trt_version} and an sm_{sm} GPU ({module})",
+            "rebuild it: edgepack device prepare BUNDLE")
     if meta.get("onnx_sha256") != onnx_sha256:
         raise ArtifactError(f"engine '{engine.name}' was built from another ONNX graph", "rebuild it")
     size = engine.stat().st_size
@@ -106,13 +131,15 @@ def mem_available_bytes(text: str | None = None) -> int | None:
 
 
 def check_memory(spec: dict, available: int | None) -> None:
-    """Refuse a build that cannot fit: the builder holds the weights, the engine being written and its workspace."""
-    need = int(spec["workspace_bytes"]) + int(spec["engine_estimate_bytes"])
+    """Refuse a build that cannot fit: the builder holds the parsed weights, its own copies (on Jetson in the same
+    DRAM), the plan being written and its workspace (trt_spec: build_memory_bytes)."""
+    need = int(spec["build_memory_bytes"])
     if available is not None and available < need:
         raise UnsupportedOnTarget(
             f"only {available / 2**20:.0f} MiB of memory is available (MemAvailable) and the engine build needs about "
-            f"{need / 2**20:.0f} MiB (workspace {spec['workspace_bytes'] / 2**20:.0f} MiB + engine "
-            f"{spec['engine_estimate_bytes'] / 2**20:.0f} MiB)",
+            f"{need / 2**20:.0f} MiB (workspace {spec['workspace_bytes'] / 2**20:.0f} MiB + "
+            f"{BUILD_WEIGHT_COPIES} x the graph's {spec['engine_estimate_bytes'] / 2**20:.0f} MiB: parsed "
+            "network, builder copies, plan)",
             "stop other services (serve, desktop), or lower workspace_bytes in trt_build.json")
 
 
@@ -157,23 +184,24 @@ def build_engine(onnx_dir: Path, spec: dict, cache_dir: Path) -> dict:
     if digest != spec["onnx_sha256"]:
         raise ArtifactError(f"'{onnx_path}' does not match its build spec (sha256 {digest[:12]} vs "
                             f"{spec['onnx_sha256'][:12]})", "re-bundle the compiled artifact; do not edit it")
-    found = find_engine(cache_dir, digest, trt.__version__, sm)
+    module = local_module()
+    found = find_engine(cache_dir, digest, trt.__version__, sm, module)
     if found is not None:
         return {**json.loads(engine_paths(cache_dir, found.stem)[1].read_text()), "cached": True}
     check_memory(spec, mem_available_bytes())
     cache_dir.mkdir(parents=True, exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode, no flag needed
+    # strongly typed: every tensor's type comes from the graph (fp16, INT4 / INT8 DequantizeLinear weights, the fp32
+    # RMSNorm / softmax islands); TensorRT 11 has no other mode, and explicit batch is the only one since 10
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # reads the external data file next to it
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ValidationFailed(f"TensorRT's ONNX parser rejected '{onnx_path.name}': {errors}",
-                               "check the TensorRT version (JetPack 6: 10.3) supports the export's opset")
+                               "check the TensorRT version supports the export's opset (JetPack 6.1 / 6.2: 10.3)")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec["workspace_bytes"]))
-    for flag in spec["flags"]:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
     for prof in spec["profiles"]:
         profile = builder.create_optimization_profile()
         for name, s in prof["shapes"].items():
@@ -188,12 +216,12 @@ def build_engine(onnx_dir: Path, spec: dict, cache_dir: Path) -> dict:
     if plan is None:
         raise ValidationFailed("TensorRT could not build the engine (see its log above)",
                                "try --precision fp32, a smaller --max-context, or a larger workspace")
-    key = trt_spec.engine_key(trt.__version__, sm, digest)
+    key = trt_spec.engine_key(trt.__version__, sm, digest, module)
     engine, meta = engine_paths(cache_dir, key)
     _atomic_write(engine, memoryview(plan))
     _atomic_write(timing_path, memoryview(config.get_timing_cache().serialize()))
-    record = {"trt_version": trt.__version__, "sm": sm, "onnx_sha256": digest, "engine": engine.name,
-              "engine_bytes": engine.stat().st_size, "precision": spec["precision"], "flags": spec["flags"],
+    record = {"trt_version": trt.__version__, "sm": sm, "module": module, "onnx_sha256": digest, "engine": engine.name,
+              "engine_bytes": engine.stat().st_size, "precision": spec["precision"], "strongly_typed": True,
               "build_seconds": round(time.perf_counter() - t0, 1), "peak_host_mem_used_bytes": watch.peak_used_bytes,
               "mem_available_at_start_bytes": watch.start, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _atomic_write(meta, (json.dumps(record, indent=1) + "\n").encode())

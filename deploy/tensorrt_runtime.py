@@ -71,44 +71,60 @@ class TensorRTRuntime:
             return
         n = batch * self.kv_heads * self.max_context * self.head_dim
         kv_dt = self.dtypes[self.past[0]]
-        self._bufs = [[torch.empty(n, dtype=kv_dt, device=self.device) for _ in self.past] for _ in range(2)]
-        self._ones = torch.ones(batch * self.max_context, dtype=self.dtypes.get("attention_mask", torch.int64),
-                                device=self.device)
+        with torch.cuda.stream(self.stream):  # the fill of the mask is a kernel: on the stream that reads it
+            self._bufs = [[torch.empty(n, dtype=kv_dt, device=self.device) for _ in self.past] for _ in range(2)]
+            self._ones = torch.ones(batch * self.max_context, dtype=self.dtypes.get("attention_mask", torch.int64),
+                                    device=self.device)
         self._batch = batch
 
-    def _run(self, ids) -> object:
+    def _run(self, ids, every: bool = False) -> object:
+        """One engine call; logits of the last position only (the graph's logits_positions input), or of every
+        position when `every` (perplexity)."""
         import torch
 
         b, t = ids.shape
+        n = t if every or "logits_positions" not in self.inputs else 1
         past = self._past_len
         if past + t > self.max_context:
             raise ConfigError(f"{past + t} positions exceed the engine's max_context {self.max_context}",
                               "compile with a larger --max-context")
         profile = 0 if past == 0 else 1
         if profile != self._profile:
-            self.ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
+            if not self.ctx.set_optimization_profile_async(profile, self.stream.cuda_stream):
+                raise ArtifactError(f"TensorRT refused optimization profile {profile}", "rebuild the engine: "
+                                    "edgepack device prepare (the engine needs the prefill and decode profiles)")
             self._profile = profile
-        feeds = {"input_ids": ids.to(self.device, self.dtypes["input_ids"]).contiguous()}
-        if "attention_mask" in self.inputs:
-            feeds["attention_mask"] = self._ones[: b * (past + t)].view(b, past + t)
-        if "position_ids" in self.inputs:
-            pos = torch.arange(past, past + t, device=self.device, dtype=self.dtypes["position_ids"])
-            feeds["position_ids"] = pos.expand(b, t).contiguous()
-        for name, x in feeds.items():
-            self.ctx.set_input_shape(name, tuple(x.shape))
-            self.ctx.set_tensor_address(name, x.data_ptr())
+        # every copy and kernel of the step on TensorRT's stream, in order: inputs filled on another stream could
+        # still be in flight when the engine reads them
+        with torch.cuda.stream(self.stream):
+            feeds = {"input_ids": ids.to(self.device, self.dtypes["input_ids"], non_blocking=False).contiguous()}
+            if "attention_mask" in self.inputs:
+                feeds["attention_mask"] = self._ones[: b * (past + t)].view(b, past + t)
+            if "position_ids" in self.inputs:
+                pos = torch.arange(past, past + t, device=self.device, dtype=self.dtypes["position_ids"])
+                feeds["position_ids"] = pos.expand(b, t).contiguous()
+            if "logits_positions" in self.inputs:
+                feeds["logits_positions"] = torch.arange(t - n, t, device=self.device,
+                                                         dtype=self.dtypes["logits_positions"])
+            logits = torch.empty((b, n, self.vocab), dtype=self.dtypes["logits"], device=self.device)
+        shapes = {name: tuple(x.shape) for name, x in feeds.items()}
         src, dst = self._bufs[self._cur], self._bufs[1 - self._cur]
+        shapes.update({name: (b, self.kv_heads, past, self.head_dim) for name in self.past})
+        for name, shape in shapes.items():
+            if not self.ctx.set_input_shape(name, shape):
+                raise ConfigError(f"TensorRT refused shape {shape} for '{name}' (outside the engine's profile "
+                                  f"{profile})", "compile with a larger --max-context / --max-batch")
+        for name, x in feeds.items():
+            self.ctx.set_tensor_address(name, x.data_ptr())
         for i, name in enumerate(self.past):
-            self.ctx.set_input_shape(name, (b, self.kv_heads, past, self.head_dim))
             self.ctx.set_tensor_address(name, src[i].data_ptr())
             self.ctx.set_tensor_address(self.present[i], dst[i].data_ptr())
-        logits = torch.empty((b, t, self.vocab), dtype=self.dtypes["logits"], device=self.device)
         self.ctx.set_tensor_address("logits", logits.data_ptr())
         if not self.ctx.execute_async_v3(self.stream.cuda_stream):
             raise ArtifactError("TensorRT execution failed (see its log)", "rebuild the engine: edgepack device prepare")
         self.stream.synchronize()
         self._cur, self._past_len = 1 - self._cur, past + t
-        return logits  # [B, T, V] in the engine's output dtype
+        return logits  # [B, 1 or T, V] in the engine's output dtype
 
     # ------------------------------------------------------------------------------------------ Runtime API
     def reset(self) -> None:
@@ -135,14 +151,18 @@ class TensorRTRuntime:
         x = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
         self._ensure(x.shape[0])
         self.reset()
-        out = self._run(x).float().cpu().numpy()
+        out = self._run(x, every=True).float().cpu().numpy()
         self.reset()
         return out
 
     def memory_report(self) -> dict:
         import torch
 
-        rep = {"rss_bytes": process_rss_bytes(), "cuda_peak_bytes": int(torch.cuda.max_memory_allocated())}
+        rep = {"rss_bytes": process_rss_bytes(), "cuda_peak_bytes": int(torch.cuda.max_memory_allocated()),
+               # torch's allocator does not see TensorRT's own allocations: the engine (weights) and the context's
+               # activation memory, sized by TensorRT for the largest profile
+               "trt_engine_bytes": self.engine_path.stat().st_size,
+               "trt_context_bytes": int(self.engine.device_memory_size_v2)}
         if self._batch:
             rep["kv_cache_bytes"] = int(sum(x.numel() * x.element_size() for s in self._bufs for x in s))
         return rep
@@ -156,15 +176,15 @@ class TensorRTRuntime:
 def open_tensorrt_runtime(art, threads: int | None = None, device: str = "cuda", **_):
     """RUNTIMES entry: the cached engine for this artifact's ONNX on this machine's TensorRT and GPU."""
     from edgepack.deploy import trt_spec
-    from edgepack.deploy.tensorrt_build import find_engine, install_hint, local_sm, require_tensorrt
+    from edgepack.deploy.tensorrt_build import find_engine, install_hint, local_module, local_sm, require_tensorrt
 
     spec = trt_spec.read_spec(art.path)
     onnx_path = art.path / spec["onnx"]
     dirs = engine_dirs(art.path, art.extra)
     trt = require_tensorrt(spec, onnx_path, dirs[-1] / "model.engine")
-    sm = local_sm()
+    sm, module = local_sm(), local_module()
     for d in dirs:
-        found = find_engine(d, spec["onnx_sha256"], trt.__version__, sm)
+        found = find_engine(d, spec["onnx_sha256"], trt.__version__, sm, module)
         if found is not None:
             return TensorRTRuntime(found, art.extra, spec["max_context"])
     raise ArtifactError(f"no TensorRT engine for '{art.path}' built with TensorRT {trt.__version__} for sm_{sm} "

@@ -20,8 +20,16 @@ _WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0,
 _SCALE_BYTES_PER_GROUP = {"int4": 2.5, "nf4": 0.53}  # int4: fp16 scale + 4-bit zero; nf4: fp32 absmax double-quantized to 8 bit (+ 2nd level)
 # Where a runtime stores its scales differently: torch-cuda's int4 (tinygemm) keeps a bf16 scale and a bf16 float
 # zero per group (deploy/cuda_weights.py)
-_RUNTIME_SCALE_BYTES_PER_GROUP = {("torch-cuda", "int4"): 4.0}
-_RUNTIME_SCALE_BYTES_PER_ROW = {("torch-cuda", "int8"): 4.0, ("torch-cuda", "fp8"): 4.0}  # an fp32 scale per channel
+# zero per group (deploy/cuda_weights.py); TensorRT's Q/DQ graphs (compress/quant_qdq.py) an fp16 scale per
+# block and per int8 channel, no zero points
+_RUNTIME_SCALE_BYTES_PER_GROUP = {("torch-cuda", "int4"): 4.0, ("tensorrt", "int4"): 2.0}
+_RUNTIME_SCALE_BYTES_PER_ROW = {("torch-cuda", "int8"): 4.0, ("torch-cuda", "fp8"): 4.0,  # an fp32 scale per channel
+                                ("tensorrt", "int8"): 2.0}
+# TensorRT engine build (deploy/tensorrt_build.py, whose pre-build check uses this through the build spec): besides
+# its workspace the builder holds the parsed network's weights, its own copies of them (device memory, on Jetson the
+# same DRAM) and the serialized plan, about 3 x the graph's weight bytes (estimate; measure on the device with the
+# build record's peak_host_mem_used_bytes).
+BUILD_WEIGHT_COPIES = 3
 _DEFAULT_GROUP = 128
 
 # Fixed runtime cost, bytes, by device type (measured or typical; see README "fit" section):
@@ -259,6 +267,9 @@ class FitReport:
     bandwidth_bytes_per_s: float
     note: str = ""
     active_params: int = 0  # parameters read per decoded token (< params for an MoE: only the routed experts)
+    build_bytes: int | None = None  # tensorrt: what the engine build needs (workspace + BUILD_WEIGHT_COPIES x weights)
+    build_fits: bool | None = None
+    decode_limit_by_mode: dict | None = None  # power mode -> tokens/s limit where the target lists bandwidth_modes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -284,6 +295,8 @@ def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048,
     # Embedding table and lm_head stay at activation precision for weight-only formats (they are gathered / tiny
     # share of compute, and quantizing them costs the most quality).
     other = act if quantized else _WEIGHT_BYTES[precision]
+    if runtime == "tensorrt" and quantized:  # Jetson Q/DQ graphs (quantize_embeddings): INT8 per row + fp16 scale
+        other = _WEIGHT_BYTES["int8"] + 2.0 / s.hidden
     weights = s.block_linear_params * wb + (s.embedding_params + s.lm_head_params) * other + s.norm_params * act
     weights += s.block_linear_rows * _RUNTIME_SCALE_BYTES_PER_ROW.get((runtime, precision), 0.0)
     kv = s.kv_elements_per_token * context * batch * act
@@ -293,15 +306,20 @@ def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048,
     prefill = batch * context * (4 * s.hidden + 3 * s.intermediate) * act
     logits = batch * s.vocab * 4
     scores = batch * s.heads * context * context * 4 if target.device_type == "cpu" else 0
+    trt = runtime == "tensorrt"
     if ort_cpu:
         overhead = ORT_CPU_FIXED_BYTES + ORT_CPU_BYTES_PER_PARAM * s.total_params + kv  # + kv: the second buffer
     else:
         overhead = RUNTIME_OVERHEAD_BYTES[target.device_type]
+    if trt:  # deploy/tensorrt_runtime.py: ping-pong KV buffers (a second cache); logits of the last position only
+        overhead += kv
     workspace = prefill + logits + scores + overhead
     required = int(weights + kv + workspace)
     read_per_step = (s.active_block_linear_params * wb + s.lm_head_params * other
                      + (s.embedding_params * other if s.tied else 0) + kv)
     limit = batch * target.bandwidth_bytes_per_s / read_per_step
+    build = int(trt_build_bytes(weights, target)) if trt else None
+    modes = {m: round(batch * gb * 1e9 / read_per_step, 2) for m, gb in target.bandwidth_modes.items()} or None
     return FitReport(
         target=target.name, precision=precision, context=context, batch=batch, params=s.total_params,
         weights_bytes=int(weights), kv_cache_bytes=int(kv), workspace_bytes=int(workspace), required_bytes=required,
@@ -313,6 +331,8 @@ def fit(cfg: dict, target: Target, precision: str = "fp16", context: int = 2048,
              + ("; MLA: the KV cache is the latent (kv_lora_rank + rope key per layer), as MLA runtimes keep it; "
                 "transformers' eager cache holds the expanded keys and values" if s.mla else ""),
         active_params=s.active_params,
+        build_bytes=build, build_fits=None if build is None else build <= target.usable_memory_bytes,
+        decode_limit_by_mode=modes,
     )
 
 
@@ -352,3 +372,13 @@ def what_would_fit(cfg: dict, target: Target, precision: str, context: int, batc
     if others:
         out.append(min(others)[1])
     return out or ["nothing changing one of precision, context or target: shard the model or use a larger device"]
+
+
+def trt_workspace_bytes(engine_bytes: float, target: Target) -> int:
+    """TensorRT's workspace pool: a quarter of the usable memory left after the engine, 256 MiB .. 4 GiB."""
+    return int(max(256 * MIB, min(4 * 1024 * MIB, (target.usable_memory_bytes - engine_bytes) // 4)) // MIB * MIB)
+
+
+def trt_build_bytes(engine_bytes: float, target: Target) -> int:
+    """Memory an engine build needs: workspace + BUILD_WEIGHT_COPIES x the graph's weights."""
+    return int(trt_workspace_bytes(engine_bytes, target) + BUILD_WEIGHT_COPIES * engine_bytes)

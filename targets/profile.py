@@ -39,6 +39,8 @@ class Target:
     measured: dict = field(default_factory=dict, hash=False)  # for `local`: what was measured, how
     path: str | None = None
     device_names: tuple[str, ...] = ()  # CUDA device names (torch.cuda.get_device_name) this profile describes
+    software: dict = field(default_factory=dict, hash=False)  # Jetson: jetpack / l4t / tensorrt / cuda versions
+    bandwidth_modes: dict = field(default_factory=dict, hash=False)  # power mode -> GB/s where it changes bandwidth
 
     def supports(self, precision: str | None = None, runtime: str | None = None, feature: str | None = None) -> bool:
         return ((precision is None or precision in self.precisions)
@@ -65,7 +67,7 @@ class Target:
 
 _KEYS = {"name", "description", "device_type", "arch", "sm", "isa", "memory_gib", "usable_memory_gib",
          "bandwidth_gb_s", "unified_memory", "precisions", "runtimes", "engine_build", "features", "power_modes",
-         "peak_tflops", "sources", "device_names"}
+         "peak_tflops", "sources", "device_names", "software", "bandwidth_modes"}
 _REQUIRED = ("name", "device_type", "arch", "memory_gib", "usable_memory_gib", "bandwidth_gb_s", "precisions",
              "runtimes")
 
@@ -98,6 +100,10 @@ def target_from_dict(data: dict, where: str) -> Target:
         sources = data.get("sources", {})
         problems += [f"[sources] has no '{k}': every number needs its source"
                      for k in ("memory", "usable_memory", "bandwidth") if k not in sources]
+        if data.get("software") and "software" not in sources:
+            problems.append("[sources] has no 'software': every version needs its source")
+        if data.get("bandwidth_modes") and "bandwidth_modes" not in sources:
+            problems.append("[sources] has no 'bandwidth_modes': every number needs its source")
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems), "fix the target TOML (see 'edgepack targets show h100-sxm' for a full example)")
     return Target(
@@ -109,6 +115,7 @@ def target_from_dict(data: dict, where: str) -> Target:
         engine_build=data.get("engine_build", "host"), features=tuple(data.get("features", ())),
         power_modes=tuple(data.get("power_modes", ())), peak_tflops=dict(data.get("peak_tflops", {})),
         sources=dict(data.get("sources", {})), device_names=tuple(data.get("device_names", ())),
+        software=dict(data.get("software", {})), bandwidth_modes=dict(data.get("bandwidth_modes", {})),
     )
 
 

@@ -136,7 +136,7 @@ def test_demo_runs_offline_then_does_no_work(tmp_path):
     assert html.stat().st_mtime_ns == written and "unchanged: every stage was cached" in second.stdout
     assert took < 10, took  # was 11.9 s (reports re-drawn, a runtime loaded to generate the same text again)
     again = last_json(run("demo", "--workdir", tmp_path / "demo", "--json"))
-    assert {s["status"] for s in again["steps"]} == {"cached", "skipped"}
+    assert {s["status"] for s in again["steps"]} == {"cached"}  # Jetson quantizes too (INT4 Q/DQ), nothing skipped
     assert {(s["kind"], s["target"]) for s in again["steps"] if s["kind"] == "bundle"} == {
         ("bundle", t) for t in ("a100-80gb", "h100-sxm", "jetson-orin-nano-8gb", "cpu-x86-64")}
     assert all(Path(p).is_file() for p in again["reports"]) and again["cpu_bundle"].endswith("bundle")

@@ -41,7 +41,8 @@ def test_gpu_runtime_choice_per_target(monkeypatch):
     assert "tensorrt is not installed" in p["note"]
     assert choose_path(CompileConfig(), A100)["runtime"] == "torch-cuda"
     j = choose_path(CompileConfig(), ORIN)
-    assert (j["runtime"], j["precision"], j["engine_build"]) == ("tensorrt", "fp16", "device")
+    assert (j["runtime"], j["precision"], j["engine_build"]) == ("tensorrt", "int4", "device")  # W4A16 by default
+    assert choose_path(CompileConfig(), ORIN, src_precision="fp32")["precision"] == "fp16"  # an fp32 ONNX source
     # tensorrt on the host only with the module AND a GPU of the target's SM to build on
     monkeypatch.setattr(gpu_compile, "tensorrt_importable", lambda: True)
     monkeypatch.setattr(gpu_compile, "local_cuda_sm", lambda: 80)
@@ -315,39 +316,46 @@ def test_build_spec_profiles_workspace_and_trtexec_line(tmp_path):
                                                         "max": [1, 2, 0, 16]}
     assert dec["shapes"]["past_key_values.0.key"]["max"] == [1, 2, 511, 16]
     assert dec["shapes"]["input_ids"]["max"] == [1, 1] and pre["shapes"]["input_ids"]["max"] == [1, 512]
-    expect = min(trt_spec.WORKSPACE_CAP, (ORIN.usable_memory_bytes - 300 * 2**20) // 4) // 2**20 * 2**20
-    assert spec["workspace_bytes"] == expect and spec["flags"] == ["FP16"]
+    expect = min(4 * 2**30, (ORIN.usable_memory_bytes - 300 * 2**20) // 4) // 2**20 * 2**20
+    assert spec["workspace_bytes"] == expect and spec["strongly_typed"] and "flags" not in spec
+    assert spec["build_memory_bytes"] == expect + 3 * 300 * 2**20  # workspace + parsed weights, builder copy, plan
     line = trt_spec.trtexec_command(spec, tmp_path / "model.onnx", tmp_path / "e.engine", tmp_path / "t.cache")
     assert line.startswith(f"trtexec --onnx={tmp_path}/model.onnx --saveEngine={tmp_path}/e.engine ")
     assert line.count("--minShapes=") == 2 and line.count("--maxShapes=") == 2
     assert "past_key_values.0.key:1x2x511x16" in line and "input_ids:1x512" in line
-    assert f"--memPoolSize=workspace:{expect // 2**20}M" in line and " --fp16" in line
+    assert f"--memPoolSize=workspace:{expect // 2**20}M" in line and " --stronglyTyped " in line
+    assert "--fp16" not in line and "--int8" not in line  # weak typing: gone in TensorRT 11
     assert line.endswith(f"--timingCacheFile={tmp_path}/t.cache")
-    bf = trt_spec.build_spec(_fake_extra(), ORIN, "bf16", onnx_sha256="0" * 64, engine_bytes=1, max_context=64)
-    assert "--bf16" in trt_spec.trtexec_command(bf, "m.onnx", "e")
-    with pytest.raises(ConfigError, match="not int8"):
-        trt_spec.build_spec(_fake_extra(), ORIN, "int8", onnx_sha256="0" * 64, engine_bytes=1, max_context=64)
+    i4 = trt_spec.build_spec(_fake_extra(), ORIN, "int4", onnx_sha256="0" * 64, engine_bytes=1, max_context=64)
+    assert i4["precision"] == "int4" and "--stronglyTyped" in trt_spec.trtexec_command(i4, "m.onnx", "e")
+    with pytest.raises(ConfigError, match="not bf16"):
+        trt_spec.build_spec(_fake_extra(), ORIN, "bf16", onnx_sha256="0" * 64, engine_bytes=1, max_context=64)
 
 
 def test_engine_cache_key_and_mismatch_refusal(tmp_path):
     from edgepack.deploy.tensorrt_build import engine_paths, find_engine
 
     digest = "c0ffee" * 10 + "abcd"
-    key = trt_spec.engine_key("10.3.0", 87, digest)
-    assert key == f"trt10.3.0-sm87-{digest[:16]}"
+    nano8 = "8sms-7gib"  # the device module: Orin Nano 8GB and 4GB (4 SMs) share sm_87
+    key = trt_spec.engine_key("10.3.0", 87, digest, nano8)
+    assert key == f"trt10.3.0-sm87-{nano8}-{digest[:16]}"
     engine, meta = engine_paths(tmp_path, key)
     engine.write_bytes(b"\x00" * 100)
-    meta.write_text(json.dumps({"trt_version": "10.3.0", "sm": 87, "onnx_sha256": digest, "engine_bytes": 100}))
-    assert find_engine(tmp_path, digest, "10.3.0", 87) == engine
-    with pytest.raises(UnsupportedOnTarget, match=r"TensorRT 10\.3\.0 for sm_87; this machine has TensorRT 10\.7\.0"):
-        find_engine(tmp_path, digest, "10.7.0", 87)
+    meta.write_text(json.dumps({"trt_version": "10.3.0", "sm": 87, "module": nano8, "onnx_sha256": digest,
+                                "engine_bytes": 100}))
+    assert find_engine(tmp_path, digest, "10.3.0", 87, nano8) == engine
+    with pytest.raises(UnsupportedOnTarget, match=r"TensorRT 10\.3\.0 for sm_87 \(8sms-7gib\); this machine has "
+                                                  r"TensorRT 10\.7\.0"):
+        find_engine(tmp_path, digest, "10.7.0", 87, nano8)
     with pytest.raises(UnsupportedOnTarget, match="an sm_90 GPU") as e:
-        find_engine(tmp_path, digest, "10.3.0", 90)
+        find_engine(tmp_path, digest, "10.3.0", 90, nano8)
     assert "edgepack device prepare" in e.value.hint
-    assert find_engine(tmp_path, "f" * 64, "10.3.0", 87) is None  # another graph: nothing cached, no refusal
+    with pytest.raises(UnsupportedOnTarget, match=r"sm_87 GPU \(4sms-3gib\)"):  # same SM, another module
+        find_engine(tmp_path, digest, "10.3.0", 87, "4sms-3gib")
+    assert find_engine(tmp_path, "f" * 64, "10.3.0", 87, nano8) is None  # another graph: nothing cached, no refusal
     engine.write_bytes(b"\x00" * 50)  # truncated
     with pytest.raises(ArtifactError, match="partial write"):
-        find_engine(tmp_path, digest, "10.3.0", 87)
+        find_engine(tmp_path, digest, "10.3.0", 87, nano8)
 
 
 def test_build_refuses_to_start_without_memory_and_watch_samples():
@@ -355,12 +363,13 @@ def test_build_refuses_to_start_without_memory_and_watch_samples():
 
     from edgepack.deploy.tensorrt_build import MemWatch, check_memory, mem_available_bytes
 
-    spec = {"workspace_bytes": 1024 * 2**20, "engine_estimate_bytes": 512 * 2**20}
-    text = "MemTotal:  8000000 kB\nMemFree:  100000 kB\nMemAvailable:  1048576 kB\n"
-    assert mem_available_bytes(text) == 2**30
-    with pytest.raises(UnsupportedOnTarget, match="only 1024 MiB .* needs about 1536 MiB"):
-        check_memory(spec, mem_available_bytes(text))
-    check_memory(spec, 2 * 2**30)
+    spec = {"workspace_bytes": 1024 * 2**20, "engine_estimate_bytes": 512 * 2**20,
+            "build_memory_bytes": (1024 + 3 * 512) * 2**20}
+    text = "MemTotal:  8000000 kB\nMemFree:  100000 kB\nMemAvailable:  2097152 kB\n"
+    assert mem_available_bytes(text) == 2 * 2**30
+    with pytest.raises(UnsupportedOnTarget, match="only 2048 MiB .* needs about 2560 MiB .* 3 x the graph's 512 MiB"):
+        check_memory(spec, mem_available_bytes(text))  # workspace + engine alone (1536 MiB) would have passed
+    check_memory(spec, 3 * 2**30)
     with MemWatch(interval_s=0.01) as w:
         junk = bytearray(64 * 2**20)  # noqa: F841
         time.sleep(0.1)
@@ -371,8 +380,8 @@ def test_build_refuses_to_start_without_memory_and_watch_samples():
 @pytest.fixture(scope="module")
 def jetson_art(stories, tmp_path_factory):
     d = tmp_path_factory.mktemp("jetson")
-    return compile_stage(open_artifact(stories), CompileConfig(exporter="torchscript", max_context=256), ORIN,
-                         d / "orin")
+    return compile_stage(open_artifact(stories), CompileConfig(exporter="torchscript", max_context=256,
+                                                               precision="fp16"), ORIN, d / "orin")
 
 
 def test_jetson_compile_ships_fp16_onnx_and_build_spec(jetson_art):
@@ -389,7 +398,7 @@ def test_jetson_compile_ships_fp16_onnx_and_build_spec(jetson_art):
     assert m["fp16_greedy_agreement"] >= 0.9 and m["fp16_max_abs_logit_diff"] < 0.1
     spec = trt_spec.read_spec(jetson_art.path)
     assert spec["onnx_sha256"] == trt_spec.onnx_digest(jetson_art.path / "model.onnx") == m["onnx_sha256"]
-    assert spec["max_context"] == 256 and spec["sm"] == 87 and spec["flags"] == ["FP16"]
+    assert spec["max_context"] == 256 and spec["sm"] == 87 and spec["strongly_typed"]
     assert m["measured_on"] is None and "device prepare" in m["engine"]
 
 
@@ -407,7 +416,7 @@ def test_device_prepare_without_tensorrt_names_install_and_trtexec(jetson_art, t
     assert r.exit_code == 1 and r.output.startswith("error: this needs the Python package 'tensorrt'")
     assert "pip install tensorrt" in r.output and "JetPack" in r.output
     assert f"trtexec --onnx={bundle}/artifact/model.onnx --saveEngine={bundle}/engine-cache/" in r.output
-    assert "past_key_values.0.key:1x4x255x8" in r.output and "--fp16" in r.output
+    assert "past_key_values.0.key:1x4x255x8" in r.output and "--stronglyTyped" in r.output
     assert not (bundle / "engine-cache").exists()
     with pytest.raises(MissingDependency, match="tensorrt"):
         open_runtime(open_artifact(bundle / "artifact"), "tensorrt")

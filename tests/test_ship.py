@@ -316,7 +316,7 @@ def test_remote_prepare_and_bench_bring_the_device_json_back(sshd, bundles, tmp_
     assert load_record(rec["remote"]["saved_to"])["decode_tokens_per_s"] == saved["decode_tokens_per_s"]
 
 
-@pytest.mark.slow  # exports stories260K to fp16 ONNX for the engine build spec
+@pytest.mark.slow  # quantizes and exports stories260K to the INT4 Q/DQ fp16 ONNX for the engine build spec
 def test_remote_prepare_builds_the_engine_on_the_device_or_names_trtexec(sshd, tmp_path):
     """A bundle whose target builds TensorRT engines on the device: `remote prepare` runs the device's own
     `edgepack device prepare` on the release. This "device" (this machine, over ssh) has no TensorRT, so the build
@@ -342,6 +342,7 @@ def test_remote_prepare_builds_the_engine_on_the_device_or_names_trtexec(sshd, t
     art = compile_stage(open_artifact(STORIES), CompileConfig(exporter="torchscript", max_context=128), target,
                         tmp_path / "compiled")
     assert art.extra["runtime"] == "tensorrt" and (art.path / "trt_build.json").is_file()
+    assert art.extra["precision"] == "int4"  # the default for device-built TensorRT: INT4 weights as Q/DQ
     bundle = make_bundle(art, target, tmp_path / "bundle")
     reqs = [ln for ln in (bundle / "requirements.txt").read_text().splitlines() if not ln.startswith("#")]
     assert reqs and not any(ln.startswith("tensorrt") for ln in reqs)  # the device's own TensorRT builds it
@@ -351,7 +352,7 @@ def test_remote_prepare_builds_the_engine_on_the_device_or_names_trtexec(sshd, t
         push_bundle(bundle, r, dest)
         with pytest.raises(RemoteError, match="building the TensorRT engine on the device failed") as e:
             remote_prepare(r, dest, remote_python=py, remote_edgepack=ep)
-    assert "tensorrt" in str(e.value) and "trtexec --onnx=" in str(e.value)
+    assert "tensorrt" in str(e.value) and "trtexec --onnx=" in str(e.value) and "--stronglyTyped" in str(e.value)
     assert f"{dest}/releases/" in str(e.value)  # the command line points at the release on the device
 
 

@@ -259,3 +259,39 @@ def test_fit_counts_every_parameter_of_the_real_config_classes():
             model = tf.AutoModelForCausalLM.from_config(c)
         built = sum(p.numel() for p in model.parameters())
         assert model_shape(c.to_dict()).total_params == built, c.model_type
+
+
+def test_fit_tensorrt_on_orin_nano_counts_runtime_and_build_memory():
+    """DeepSeek-R1-Distill-Qwen-1.5B's shape on Orin Nano 8GB through TensorRT (issue 14): the runtime holds two KV
+    buffers and the last position's logits; the engine build needs workspace + 3 x the weights, which fp16 cannot get
+    on 8 GB and int4 can; the decode limit is given for 68 GB/s and the 25 W Super mode's 102 GB/s."""
+    from edgepack.targets.fit import fit
+
+    cfg = {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+           "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": False}
+    nano = load_target("jetson-orin-nano-8gb")
+    f16 = fit(cfg, nano, "fp16", 2048, runtime="tensorrt")
+    i4 = fit(cfg, nano, "int4", 2048, runtime="tensorrt")
+    torch_f16 = fit(cfg, nano, "fp16", 2048)
+    kv = 2 * 28 * 2 * 128 * 2048 * 2
+    # the second KV buffer; logits of one position (logits_positions), as on torch, not the whole prompt's
+    assert f16.kv_cache_bytes == kv and f16.workspace_bytes - torch_f16.workspace_bytes == kv
+    assert f16.fits and not f16.build_fits and i4.fits and i4.build_fits
+    assert f16.build_bytes > 3 * f16.weights_bytes and i4.build_bytes < nano.usable_memory_bytes
+    # int4: 0.5 B + an fp16 scale per 128 weights, no zero point; embeddings and lm_head INT8 per row (Q/DQ graph's
+    # quantize_embeddings: 1 B a weight + an fp16 scale a row)
+    linear = 28 * (1536 * 128 * (2 * 12 + 2 * 2) + 3 * 1536 * 8960)
+    assert i4.weights_bytes == int(linear * (0.5 + 2 / 128) + 2 * 151936 * (1536 + 2) + (2 * 28 + 1) * 1536 * 2)
+    assert i4.decode_limit_by_mode == {"MAXN_SUPER": round(102e9 / i4.bytes_per_token, 2),
+                                       "15W": i4.decode_tokens_per_s_limit}
+    assert 65 < i4.decode_tokens_per_s_limit < 75 and 20 < f16.decode_tokens_per_s_limit < 23
+
+
+def test_jetson_profiles_name_jetpack_and_tensorrt_with_sources():
+    from edgepack.targets.profile import list_targets
+
+    for name in [n for n in list_targets() if n.startswith("jetson-")]:
+        t = load_target(name)
+        assert any("10.3" in v for v in t.software["tensorrt"]) and "6.1" in t.software["jetpack"], name
+        assert "8.6.2" in t.sources["software"] and "JetPack 6.0" in t.software["unsupported"], name
+    assert load_target("jetson-orin-nano-8gb").bandwidth_modes["MAXN_SUPER"] == 102.0

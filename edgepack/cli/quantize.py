@@ -25,6 +25,8 @@ Q = QuantizeConfig
                                  "preferred runtime; torch without a target].")
 @config_option(Q, "group_size", help="INT4 input channels per scale (power of two >= 16).")
 @config_option(Q, "symmetric", help="INT4 symmetric grid (no zero points).")
+@config_option(Q, "quantize_embeddings", help="TensorRT (Jetson) Q/DQ graphs: token embedding and lm_head in "
+                                              "INT8 too (per row / per output channel).")
 @config_option(Q, "accuracy_level",
                help="ONNX MatMulNBits compute precision: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.")
 @config_option(Q, "calib", type=click.Path(), help="Calibration text [default: the embedded TinyStories sample].")

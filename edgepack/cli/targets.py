@@ -130,6 +130,11 @@ def fit_cmd(model, target_name, precision, context, batch, group_size, runtime, 
             ["verdict", ("FITS, headroom " if r.fits else "DOES NOT FIT, short by ") + fmt_bytes(abs(r.headroom_bytes))],
             ["bytes read per token", fmt_bytes(r.bytes_per_token)],
             ["decode limit (roofline)", f"{r.decode_tokens_per_s_limit:,.1f} tokens/s at {r.bandwidth_bytes_per_s / 1e9:g} GB/s"]]
+    rows += [[f"  in power mode {m}", f"{v:,.1f} tokens/s at {t.bandwidth_modes[m]:g} GB/s"]
+             for m, v in (r.decode_limit_by_mode or {}).items()]
+    if r.build_bytes is not None:
+        rows.append(["TensorRT engine build", ("fits, needs " if r.build_fits else "DOES NOT FIT, needs ")
+                     + fmt_bytes(r.build_bytes) + " (workspace + 3 x weights)"])
     rows += [["what would fit" if i == 0 else "", w] for i, w in enumerate(would)]
     print_table(f"fit: {model} on {t.name} at {prec}, context {context}, batch {batch}", ["", ""], rows, caption=r.note)
 
