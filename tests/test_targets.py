@@ -280,7 +280,7 @@ def test_fit_tensorrt_on_orin_nano_counts_runtime_and_build_memory():
     assert f16.build_bytes > 3 * f16.weights_bytes and i4.build_bytes < nano.usable_memory_bytes
     # int4: 0.5 B + an fp16 scale per 128 weights, no zero point; embeddings and lm_head INT8 per row (Q/DQ graph's
     # quantize_embeddings: 1 B a weight + an fp16 scale a row)
-    linear = 28 * (1536 * 128 * (2 * 12 + 2 * 2) + 3 * 1536 * 8960)
+    linear = 28 * (1536 * 128 * (2 * 12 + 2 * 2) + 3 * 1536 * 8960 + 128 * (12 + 2 * 2))  # q/k/v biases too
     assert i4.weights_bytes == int(linear * (0.5 + 2 / 128) + 2 * 151936 * (1536 + 2) + (2 * 28 + 1) * 1536 * 2)
     assert i4.decode_limit_by_mode == {"MAXN_SUPER": round(102e9 / i4.bytes_per_token, 2),
                                        "15W": i4.decode_tokens_per_s_limit}
