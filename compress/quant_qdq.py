@@ -137,13 +137,18 @@ def quantize_embeddings_(model) -> dict:
     emb, table = gathers[0], inits[gathers[0].input[0]]
     vocab = table.dims[0]
     heads = [(n, b, w) for n, b, w in matmul_weights(graph) if w.shape[1] == vocab]
-    dead = set()  # the dynamo export's tied lm_head: MatMul(h, Transpose(table [V, H])); ship the [H, V] INT8 instead
+    # the dynamo export's lm_head: MatMul(h, Transpose(table [V, H])). Tied (the embedding's own table): the one INT8
+    # table feeds both, through the Transpose; untied: ship the [H, V] INT8 and drop the Transpose.
+    dead, tied = set(), None
     producers = {o: n for n in graph.node for o in n.output}
     for n in graph.node:
         t = producers.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) > 1 else None
-        if (not heads and t is not None and t.op_type == "Transpose" and t.input[0] in inits
+        if (not heads and tied is None and t is not None and t.op_type == "Transpose" and t.input[0] in inits
                 and [list(a.ints) for a in t.attribute if a.name == "perm"] in ([[1, 0]], [])
                 and list(inits[t.input[0]].dims)[0] == vocab):
+            if t.input[0] == table.name:
+                tied = t
+                continue
             heads.append((n, t.input[0], numpy_helper.to_array(inits[t.input[0]]).T))
             if sum(t.output[0] in m.input for m in graph.node) == 1:
                 dead.add(id(t))
@@ -161,13 +166,11 @@ def quantize_embeddings_(model) -> dict:
             numpy_helper.to_array(qinit[1])[:, None] if axis == 0 else numpy_helper.to_array(qinit[1])[None, :])
         errs[what] = round(float(np.sqrt(((back - w) ** 2).mean() / max((w ** 2).mean(), 1e-30))), 6)
         done.append(f"{what} INT8 per {'row' if axis == 0 else 'output channel'}")
-    nodes = []
-    for n in graph.node:
-        if id(n) in dead:
-            continue
-        if id(n) in before:
-            nodes.append(before[id(n)])
-        nodes.append(n)
+    if tied is not None:
+        tied.input[0] = emb.input[0]
+        done.append("lm_head INT8 per output channel (tied: the embedding's INT8 table, transposed)")
+    # the DequantizeLinear nodes read initializers only: first in the graph, before every reader (topological order)
+    nodes = list(before.values()) + [n for n in graph.node if id(n) not in dead]
     del graph.node[:]
     graph.node.extend(nodes)
     read = {i for n in graph.node for i in n.input}

@@ -187,7 +187,7 @@ def test_jetson_int4_and_int8_graphs_are_what_tensorrt_takes_and_were_measured(s
             assert abs(m["ppl_increase_pct"]) < 0.5 and m["shipped_sqnr_db"] > 40 and m["shipped_argmax_agreement"] > 0.95
 
 
-def _embed_head_graph(tmp_path, vocab=40, hidden=16, transposed=False):
+def _embed_head_graph(tmp_path, vocab=40, hidden=16, transposed=False, tied=False):
     """Gather(token table) -> MatMul(lm_head [H, V]) with per-node debug metadata, as the exporters write it
     (`transposed`: the dynamo export's tied head, MatMul(h, Transpose([V, H])))."""
     import onnx
@@ -198,22 +198,23 @@ def _embed_head_graph(tmp_path, vocab=40, hidden=16, transposed=False):
     head = rng.standard_normal((hidden, vocab)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["h"], name="emb"),
              helper.make_node("MatMul", ["h", "head"], ["logits"], name="lm_head", doc_string="trace")]
-    if transposed:
-        nodes.insert(1, helper.make_node("Transpose", ["head_t"], ["head"], perm=[1, 0]))
+    if transposed or tied:
+        nodes.insert(1, helper.make_node("Transpose", ["embed" if tied else "head_t"], ["head"], perm=[1, 0]))
+        head = table.T if tied else head
     for n in nodes:
         n.metadata_props.add(key="pkg.torch.onnx.stack_trace", value="x" * 500)
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "T"])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "T", vocab])],
-                              [numpy_helper.from_array(table, "embed"),
-                               numpy_helper.from_array(np.ascontiguousarray(head.T), "head_t") if transposed
-                               else numpy_helper.from_array(head, "head")])
+                              [numpy_helper.from_array(table, "embed")] + (
+                                  [] if tied else [numpy_helper.from_array(np.ascontiguousarray(head.T), "head_t")]
+                                  if transposed else [numpy_helper.from_array(head, "head")]))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     onnx.save(model, str(tmp_path / "model.onnx"))
     return model, table, head
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_embedding_and_lm_head_go_int8_through_dequantize_linear(tmp_path, transposed):
+@pytest.mark.parametrize("transposed,tied", [(False, False), (True, False), (True, True)])
+def test_embedding_and_lm_head_go_int8_through_dequantize_linear(tmp_path, transposed, tied):
     """quantize_embeddings: the token table as INT8 per row (DequantizeLinear -> Gather), lm_head INT8 per output
     channel (DequantizeLinear -> MatMul; the dynamo export's Transpose of a tied [V, H] head folded away), float
     tables dropped, logits within INT8 rounding on onnxruntime."""
@@ -222,11 +223,21 @@ def test_embedding_and_lm_head_go_int8_through_dequantize_linear(tmp_path, trans
 
     from edgepack.compress.quant_qdq import quantize_embeddings_
 
-    model, table, head = _embed_head_graph(tmp_path, transposed=transposed)
+    model, table, head = _embed_head_graph(tmp_path, transposed=transposed, tied=tied)
     info = quantize_embeddings_(model)
     onnx.checker.check_model(model)
     g = model.graph
     inits = {i.name: i for i in g.initializer}
+    ids = np.array([[3, 7, 39, 0]], dtype=np.int64)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids})[0]
+    want = table[ids] @ head
+    assert 0 < np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    if tied:  # one INT8 table for both, the head reading it through the export's Transpose
+        assert set(inits) == {"embed_tokens.int8", "embed_tokens.scale"}
+        assert [n.input[0] for n in g.node if n.op_type == "Transpose"] == ["embed_tokens.dq"]
+        assert info["embeddings_quantized"][1].startswith("lm_head INT8 per output channel (tied")
+        return
     assert set(inits) == {"embed_tokens.int8", "embed_tokens.scale", "lm_head.int8", "lm_head.scale"}
     dq = {n.name: n for n in g.node if n.op_type == "DequantizeLinear"}
     assert {a.name: a.i for a in dq["embed_tokens.DequantizeLinear"].attribute} == {"axis": 0}
@@ -236,11 +247,6 @@ def test_embedding_and_lm_head_go_int8_through_dequantize_linear(tmp_path, trans
     assert list(inits["lm_head.int8"].dims) == [16, 40] and not [n for n in g.node if n.op_type == "Transpose"]
     assert info["embeddings_quantized"] == ["embed_tokens INT8 per row", "lm_head INT8 per output channel"]
     assert 0 < info["embeddings_rel_rms_error"]["embed_tokens"] < 0.01
-    ids = np.array([[3, 7, 39, 0]], dtype=np.int64)
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"input_ids": ids})[0]
-    want = table[ids] @ head
-    assert 0 < np.abs(got - want).max() < 0.02 * np.abs(want).max()
 
 
 def test_shipped_graphs_carry_no_debug_metadata(tmp_path):
