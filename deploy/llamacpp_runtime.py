@@ -23,12 +23,12 @@ class LlamaCppRuntime:
     def __init__(self, art_dir, extra: dict, threads: int | None = None, max_length: int | None = None):
         from pathlib import Path
 
-        self.llama_cpp = require("llama_cpp", "llamacpp", "the llama.cpp runtime (GGUF artifacts)")
-        import psutil
+        from edgepack.deploy.runtime import choose_threads
 
+        self.llama_cpp = require("llama_cpp", "llamacpp", "the llama.cpp runtime (GGUF artifacts)")
         self.path = str(Path(art_dir) / extra.get("gguf_file", "model.gguf"))
         self.extra = extra
-        self.threads = int(threads or psutil.cpu_count(logical=False) or 1)
+        self.threads, self.threads_why = choose_threads(threads)
         self.gpu = bool(self.llama_cpp.llama_supports_gpu_offload())  # a CUDA build (Jetson): every layer on the GPU
         self.n_ctx = int(min(max_length or DEFAULT_MAX_CONTEXT, extra.get("max_positions") or DEFAULT_MAX_CONTEXT))
         self.llm = self._open(logits_all=False)
@@ -82,7 +82,8 @@ class LlamaCppRuntime:
         return {"rss_bytes": process_rss_bytes()}
 
     def describe(self) -> dict:
-        return {"runtime": self.name, "device": "cuda" if self.gpu else "cpu", "threads": self.threads, "n_ctx": self.n_ctx,
+        return {"runtime": self.name, "device": "cuda" if self.gpu else "cpu", "threads": self.threads,
+                "threads_why": self.threads_why, "n_ctx": self.n_ctx,
                 "llama_cpp_python": getattr(self.llama_cpp, "__version__", "unknown"), "file_type": self.extra.get("file_type"),
                 "precision": self.extra.get("precision"), "made_by": self.extra.get("made_by", "unknown")}
 

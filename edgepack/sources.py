@@ -30,7 +30,7 @@ def resolve_model(value: str, base: Path) -> Path | str:
     """A local path (relative to the recipe), else a Hugging Face hub id ("org/name") kept as text: it is fetched
     when the run starts (fetch_model), never when a recipe is loaded or dry-run."""
     p = resolve_path(value, base)
-    return value if (not p.exists() and HUB_ID.match(value) and not value.startswith(".")) else p
+    return value if is_hub_id_text(value, p) else p
 
 
 def is_hub_id(model) -> bool:
@@ -60,9 +60,10 @@ def fetch_config(model: str) -> Path:
         raise _hub_error(model, exc) from None
 
 
-def is_hub_id_text(value: str) -> bool:
-    """Text shaped like a hub id ("org/name") that is not an existing local path."""
-    return bool(HUB_ID.match(value)) and not value.startswith(".") and not Path(value).exists()
+def is_hub_id_text(value: str, path: Path | None = None) -> bool:
+    """Text shaped like a hub id ("org/name") that is not an existing local path (`path`: where the text resolves,
+    default relative to the working directory)."""
+    return bool(HUB_ID.match(value)) and not value.startswith(".") and not (path or Path(value)).exists()
 
 
 def _hub_error(model: str, exc: Exception):

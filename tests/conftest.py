@@ -4,6 +4,7 @@ pretrained stories260K from ../shared when present."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,12 @@ def stories() -> Path:
     if not (STORIES / "model.safetensors").is_file():
         pytest.skip(f"stories260K not found at {STORIES}")
     return STORIES
+
+
+@pytest.fixture()
+def stories_copy(stories, tmp_path) -> Path:
+    """A private copy of stories260K at tmp_path / "art", for tests that damage or write around their input."""
+    return Path(shutil.copytree(stories, tmp_path / "art"))
 
 
 @pytest.fixture(scope="session")

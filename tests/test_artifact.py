@@ -153,16 +153,6 @@ def test_check_safetensors_accepts_real_file(tiny_model):
     assert hash_files(tiny_model)["model.safetensors"]["bytes"] == (tiny_model / "model.safetensors").stat().st_size
 
 
-def _stories_copy(tmp_path):
-    from conftest import STORIES
-
-    if not (STORIES / "model.safetensors").is_file():
-        pytest.skip(f"stories260K not found at {STORIES}")
-    art = tmp_path / "art"
-    shutil.copytree(STORIES, art)
-    return art
-
-
 @pytest.mark.parametrize("args", [
     lambda a: ["bundle", str(a), "--target", "cpu-x86-64", "-o", str(a), "--force"],
     lambda a: ["bundle", str(a), "--target", "cpu-x86-64", "-o", str(a / "b.tar")],
@@ -173,23 +163,23 @@ def _stories_copy(tmp_path):
     lambda a: ["export", "onnx", str(a), "-o", str(a / "onnx")],
     lambda a: ["prune", str(a), "--method", "magnitude", "-o", str(a / "p")],
 ])
-def test_an_output_equal_to_inside_or_holding_the_input_is_refused(tmp_path, args):
+def test_an_output_equal_to_inside_or_holding_the_input_is_refused(stories_copy, tmp_path, args):
     from click.testing import CliRunner
 
     from edgepack.cli import cli
 
-    art = _stories_copy(tmp_path)
+    art = stories_copy
     before = hash_files(art)
     r = CliRunner().invoke(cli, args(art))
     assert r.exit_code == 1 and "error: output" in r.output and "the input" in r.output, r.output
     assert hash_files(art) == before and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
-def test_the_library_refuses_it_too_and_device_dir_cannot_inject_unit_lines(tmp_path):
+def test_the_library_refuses_it_too_and_device_dir_cannot_inject_unit_lines(stories_copy, tmp_path):
     from edgepack.deploy.bundle import BundleConfig, make_bundle
     from edgepack.targets import load_target
 
-    art = _stories_copy(tmp_path)
+    art = stories_copy
     with pytest.raises(ArtifactError, match="is inside the input"):
         make_bundle(art, load_target("cpu-x86-64"), art / "b")
     with pytest.raises(ArtifactError, match="is inside the input"):

@@ -8,18 +8,13 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from conftest import STORIES
 
 from edgepack.cli import cli
 
 
 @pytest.fixture()
-def art(tmp_path):
-    if not (STORIES / "model.safetensors").is_file():
-        pytest.skip(f"stories260K not found at {STORIES}")
-    a = tmp_path / "art"
-    shutil.copytree(STORIES, a)
-    return a
+def art(stories_copy):
+    return stories_copy
 
 
 def _weights(a, edit):

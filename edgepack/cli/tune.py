@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -154,7 +153,7 @@ def qlora_cmd(model, mix, output, resume, force, trust_pickle, as_json, **settin
     artifact + adapter."""
     from edgepack.artifact import check_output_dir
     from edgepack.errors import ConfigError
-    from edgepack.progress import progress
+    from edgepack.progress import is_rank_zero, progress
     from edgepack.tune.qlora import tune
 
     if bool(settings["data"]) == bool(mix):
@@ -170,7 +169,7 @@ def qlora_cmd(model, mix, output, resume, force, trust_pickle, as_json, **settin
     with progress(f"tune ({method})", total=steps, enabled=not as_json) as update:
         art = tune(src, cfg, None, Path(output), force=force, resume=bool(resume),
                    on_step=lambda step, total, info: update(step, total))
-    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun only the main process reports
+    if not is_rank_zero():  # under accelerate launch / torchrun only the main process reports
         return
     m = art.history[-1]["metrics"]
     if as_json:
